@@ -1,0 +1,95 @@
+"""Local compute backend: the job entrypoint as a subprocess of the Airflow task.
+
+Output is streamed line by line into the task log; the child runs in its own process group
+so ``on_kill`` (task cleared, marked failed, timed out) kills the whole tree - launcher and
+every rank - not just the parent.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Sequence
+
+log = logging.getLogger(__name__)
+
+
+class JobFailed(RuntimeError):
+    def __init__(self, cmd: Sequence[str], returncode: int, tail: list[str]):
+        self.returncode = returncode
+        self.tail = tail
+        joined = "\n".join(tail[-30:])
+        super().__init__(f"job {cmd[0]} exited with code {returncode}; last lines:\n{joined}")
+
+
+class LocalProcessBackend:
+    def __init__(self, logger: logging.Logger | None = None) -> None:
+        self.log = logger or log
+        self._proc: subprocess.Popen | None = None
+
+    def run(self, cmd: Sequence[str], env: dict[str, str] | None = None, cwd: str | None = None,
+            secrets: Sequence[str] = ()) -> list[str]:
+        """Run ``cmd`` to completion, streaming its output; returns the output lines.
+
+        ``secrets`` are masked from every streamed line (defence in depth on top of
+        Airflow's own masking).
+        """
+        full_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+        self.log.info("starting local job: %s", " ".join(cmd))
+        started = time.monotonic()
+        self._proc = subprocess.Popen(
+            list(cmd), env=full_env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True, bufsize=1, start_new_session=True,
+        )
+        lines: list[str] = []
+        assert self._proc.stdout is not None
+        for line in self._proc.stdout:
+            line = line.rstrip("\n")
+            for s in secrets:
+                if s:
+                    line = line.replace(s, "***")
+            lines.append(line)
+            if len(lines) > 2000:
+                del lines[:1000]
+            self.log.info("%s", line)
+        rc = self._proc.wait()
+        self.log.info("local job finished with code %s in %.1fs", rc, time.monotonic() - started)
+        self._proc = None
+        if rc != 0:
+            raise JobFailed(cmd, rc, lines)
+        return lines
+
+    def on_kill(self) -> None:
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            return
+        kill_process_group(proc.pid, self.log)
+
+
+def kill_process_group(pid: int, logger: logging.Logger | None = None, grace_s: float = 10.0) -> None:
+    """SIGTERM the process group led by ``pid``, then SIGKILL what is left after ``grace_s``."""
+    logger = logger or log
+    try:
+        pgid = os.getpgid(pid)
+    except ProcessLookupError:
+        return
+    logger.info("terminating process group %s", pgid)
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    logger.warning("process group %s still alive after %.0fs: SIGKILL", pgid, grace_s)
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass

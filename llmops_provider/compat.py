@@ -1,0 +1,27 @@
+"""Every Airflow-version difference lives here (Airflow >= 3.1 supported).
+
+DAG files and operators import Airflow names from this module only, so a new Airflow
+release is handled in one place.
+"""
+
+from __future__ import annotations
+
+from airflow.providers.common.compat.sdk import BaseHook, BaseOperator  # noqa: F401
+
+try:  # Airflow >= 3.0 task SDK
+    from airflow.sdk import DAG, Asset, AssetWatcher, Context, Metadata, Param, task  # noqa: F401
+    from airflow.sdk.bases.sensor import BaseSensorOperator  # noqa: F401
+except ImportError as exc:  # pragma: no cover - Airflow 2 is not supported
+    raise ImportError("airflow-provider-llmops needs Apache Airflow >= 3.1") from exc
+
+try:
+    from airflow.sdk.exceptions import AirflowException, AirflowFailException  # noqa: F401
+except ImportError:  # pragma: no cover
+    from airflow.exceptions import AirflowException, AirflowFailException  # noqa: F401
+
+from airflow.triggers.base import BaseTrigger, TriggerEvent  # noqa: F401
+
+try:
+    from airflow.timetables.assets import AssetOrTimeSchedule  # noqa: F401
+except ImportError:  # pragma: no cover
+    AssetOrTimeSchedule = None  # type: ignore[assignment,misc]

@@ -1,0 +1,40 @@
+"""Asset URIs and lineage keys: the spine that links every stage to the one before.
+
+dataset commit -> MLflow run -> model version -> eval report -> deployment -> monitor -> retrain.
+Each stage puts the ids below into its Asset event extra (and MLflow tags / commit metadata),
+so a serving model can be traced back to the dataset commit it was trained on.
+"""
+
+from __future__ import annotations
+
+# keys used in Asset event extras, MLflow tags and commit metadata
+DATASET_REPO = "dataset_repo"
+DATASET_COMMIT = "dataset_commit"
+DATASET_BRANCH = "dataset_branch"
+RECIPE_NAME = "recipe"
+RECIPE_FINGERPRINT = "recipe_fingerprint"
+MLFLOW_RUN_ID = "mlflow_run_id"
+MODEL_NAME = "model_name"
+MODEL_VERSION = "model_version"
+EVAL_RUN_ID = "eval_run_id"
+EVAL_VERDICT = "eval_verdict"
+EVAL_REPORT = "eval_report"
+ENDPOINT = "endpoint"
+RETRAIN_REASON = "retrain_reason"
+AIRFLOW_DAG_ID = "airflow_dag_id"
+AIRFLOW_RUN_ID = "airflow_run_id"
+AIRFLOW_TRY = "airflow_try_number"
+
+STAGES = ("dataset", "model", "approved", "deployment", "retrain")
+
+
+def asset_uri(recipe_name: str, stage: str) -> str:
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
+    return f"llmops://{recipe_name}/{stage}"
+
+
+def airflow_ids(context) -> dict[str, str]:
+    """The Airflow identity of the running task, for commit metadata and MLflow tags."""
+    ti = context["ti"]
+    return {AIRFLOW_DAG_ID: ti.dag_id, AIRFLOW_RUN_ID: ti.run_id, AIRFLOW_TRY: str(ti.try_number)}

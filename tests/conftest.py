@@ -1,0 +1,93 @@
+"""Shared fixtures: real services started on 127.0.0.1 for the integration tiers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNTIME_PYTHON = ROOT / ".venv-runtime" / "bin" / "python"
+CONTROL_BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process for {url} exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} not healthy after {timeout}s")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _llmops_env(tmp_path_factory):
+    """Point [llmops] at a scratch home and the repo's runtime venv for the whole session."""
+    home = tmp_path_factory.mktemp("llmops-home")
+    os.environ.setdefault("AIRFLOW__LLMOPS__HOME", str(home))
+    os.environ.setdefault("AIRFLOW__LLMOPS__RUNTIME_PYTHON", str(RUNTIME_PYTHON))
+    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    yield
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server on SQLite with proxied artifacts; yields its URI."""
+    work = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    log = open(work / "server.log", "w")
+    proc = subprocess.Popen(
+        [str(CONTROL_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{work}/mlflow.db", "--artifacts-destination", str(work / "artifacts"),
+         "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{uri}/health", 120, proc)
+        yield uri
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@pytest.fixture
+def mlflow_conn(monkeypatch, mlflow_server):
+    """The `mlflow_default` Airflow connection pointing at the test server."""
+    host, port = mlflow_server.removeprefix("http://").split(":")
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_MLFLOW_DEFAULT", f'{{"conn_type": "llmops_mlflow", "host": "{host}", "port": {port}, "schema": "http"}}'
+    )
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    return mlflow_server
+
+
+def have_runtime() -> bool:
+    return RUNTIME_PYTHON.exists()
+
+
+def which(cmd: str) -> str | None:
+    return shutil.which(cmd)
