@@ -21,7 +21,13 @@ except ImportError:  # pragma: no cover
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent  # noqa: F401
 
-try:
+try:  # Airflow >= 3.1 exports timetables from the task SDK
+    from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable  # noqa: F401
+except ImportError:  # pragma: no cover - Airflow 3.0
     from airflow.timetables.assets import AssetOrTimeSchedule  # noqa: F401
-except ImportError:  # pragma: no cover
-    AssetOrTimeSchedule = None  # type: ignore[assignment,misc]
+    from airflow.timetables.trigger import CronTriggerTimetable  # noqa: F401
+
+try:  # Airflow >= 3.1
+    from airflow.dag_processing.dagbag import DagBag  # noqa: F401
+except ImportError:  # pragma: no cover - Airflow 3.0
+    from airflow.models.dagbag import DagBag  # noqa: F401

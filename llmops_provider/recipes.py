@@ -119,6 +119,7 @@ class TrainingSpec(_Strict):
     learning_rate: float = Field(3e-3, gt=0)
     warmup_steps: int = Field(5, ge=0)
     weight_decay: float = 0.0
+    grad_clip: float = Field(1.0, ge=0, description="max gradient norm (DeepSpeed gradient_clipping); 0 disables")
     seed: int = 1234
     zero_stage: int = Field(0, ge=0, le=3)
     world_size: int = Field(2, ge=1, description="ranks: CPU processes (gloo) locally, GPUs on Kubernetes")

@@ -38,7 +38,7 @@ class LocalProcessBackend:
         Airflow's own masking).
         """
         full_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
-        self.log.info("starting local job: %s", " ".join(cmd))
+        self.log.info("starting local job: %s", _mask(" ".join(cmd), secrets))
         started = time.monotonic()
         self._proc = subprocess.Popen(
             list(cmd), env=full_env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -47,10 +47,7 @@ class LocalProcessBackend:
         lines: list[str] = []
         assert self._proc.stdout is not None
         for line in self._proc.stdout:
-            line = line.rstrip("\n")
-            for s in secrets:
-                if s:
-                    line = line.replace(s, "***")
+            line = _mask(line.rstrip("\n"), secrets)
             lines.append(line)
             if len(lines) > 2000:
                 del lines[:1000]
@@ -67,6 +64,13 @@ class LocalProcessBackend:
         if proc is None or proc.poll() is not None:
             return
         kill_process_group(proc.pid, self.log)
+
+
+def _mask(text: str, secrets: Sequence[str]) -> str:
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return text
 
 
 def kill_process_group(pid: int, logger: logging.Logger | None = None, grace_s: float = 10.0) -> None:

@@ -1,0 +1,160 @@
+"""Generate the lifecycle DAGs of one recipe.
+
+    from llmops_provider.dag_factory import build_lifecycle_dags
+    dags = build_lifecycle_dags("/opt/airflow/dags/recipes/my-model.yaml")
+
+Five DAGs, linked by Assets whose event extras carry the lineage ids (see lineage.py):
+
+    <name>_data ──dataset──▶ <name>_train ──model──▶ <name>_evaluate ──approved──▶ <name>_deploy
+         ▲                                                                          │
+         └──────────────retrain◀── <name>_monitor (cron: SLOs via Prometheus, new data)
+
+Operators receive only the recipe *path* and load it when they run, so the serialized DAG stays
+small and a recipe edit is picked up by the next run without touching DAG code.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+from llmops_provider import lineage
+from llmops_provider.compat import DAG, Asset, AssetOrTimeSchedule, CronTriggerTimetable, task
+from llmops_provider.recipes import Recipe, load_recipe
+
+DEFAULT_ARGS = {
+    "retries": 1,
+    "retry_delay": dt.timedelta(seconds=30),
+}
+
+
+def assets_for(recipe: Recipe) -> dict[str, Asset]:
+    return {
+        stage: Asset(uri=lineage.asset_uri(recipe.name, stage), name=f"{recipe.name}.{stage}", group="llmops")
+        for stage in lineage.STAGES
+    }
+
+
+def _cron(expr: str) -> CronTriggerTimetable:
+    # run_immediately=False: unpausing a DAG must not start a run by itself
+    return CronTriggerTimetable(expr, timezone="UTC")
+
+
+def build_lifecycle_dags(recipe_path: str | Path) -> dict[str, DAG]:
+    """Build the data/train/evaluate/deploy/monitor DAGs for ``recipe_path``.
+
+    Raises ``RecipeError`` (file, field, fix) when the recipe is invalid.
+    """
+    # Imported here so an invalid recipe is reported before any operator module loads.
+    from llmops_provider.operators.data import CommitDatasetOperator, SparkPrepareDataOperator, ValidateDatasetOperator
+    from llmops_provider.operators.deployment import VLLMDeployOperator
+    from llmops_provider.operators.evaluation import LMEvalGateOperator
+    from llmops_provider.operators.monitoring import MonitorOperator
+    from llmops_provider.operators.training import DeepSpeedTrainOperator
+
+    recipe_path = str(Path(recipe_path).resolve())
+    recipe = load_recipe(recipe_path)
+    assets = assets_for(recipe)
+    name = recipe.name
+    common = {
+        "start_date": dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc),
+        "catchup": False,
+        "max_active_runs": 1,  # one run per stage at a time: no retrain storms, no racing deploys
+        "default_args": {**DEFAULT_ARGS, "owner": recipe.owner},
+        "tags": ["llmops", name],
+        "params": {},
+    }
+    dags: dict[str, DAG] = {}
+
+    data_schedule = (
+        AssetOrTimeSchedule(timetable=_cron(recipe.schedule.data_refresh), assets=assets["retrain"])
+        if recipe.schedule.data_refresh
+        else [assets["retrain"]]
+    )
+    with DAG(
+        f"{name}_data",
+        schedule=data_schedule,
+        description=f"{name}: Spark data prep -> Great Expectations -> dataset commit",
+        doc_md=f"Data stage of recipe `{recipe_path}`. Emits `{assets['dataset'].uri}` with the dataset commit id.",
+        **common,
+    ) as data_dag:
+        prepare = SparkPrepareDataOperator(task_id="prepare", recipe_path=recipe_path)
+        validate = ValidateDatasetOperator(
+            task_id="validate",
+            recipe_path=recipe_path,
+            staging_dir="{{ ti.xcom_pull(task_ids='prepare')['staging_dir'] }}",
+        )
+        commit = CommitDatasetOperator(
+            task_id="commit",
+            recipe_path=recipe_path,
+            staging_dir="{{ ti.xcom_pull(task_ids='prepare')['staging_dir'] }}",
+            outlets=[assets["dataset"]],
+        )
+        prepare >> validate >> commit
+    dags[data_dag.dag_id] = data_dag
+
+    with DAG(
+        f"{name}_train",
+        schedule=[assets["dataset"]],
+        description=f"{name}: tokenizer + DeepSpeed/PEFT training, tracked and registered in MLflow",
+        doc_md="Runs on each new dataset commit, or manually (trains on the branch head).",
+        **common,
+    ) as train_dag:
+        DeepSpeedTrainOperator(
+            task_id="train",
+            recipe_path=recipe_path,
+            outlets=[assets["model"]],
+            execution_timeout=dt.timedelta(hours=12),
+        )
+    dags[train_dag.dag_id] = train_dag
+
+    with DAG(
+        f"{name}_evaluate",
+        schedule=[assets["model"]],
+        description=f"{name}: lm-eval on the held-out split, gated on the recipe's thresholds",
+        doc_md="Publishes the full report, then passes (emits the approved asset) or fails closed.",
+        **{**common, "default_args": {**common["default_args"], "retries": 0}},
+    ) as eval_dag:
+        LMEvalGateOperator(
+            task_id="evaluate",
+            recipe_path=recipe_path,
+            outlets=[assets["approved"]],
+            execution_timeout=dt.timedelta(hours=2),
+        )
+    dags[eval_dag.dag_id] = eval_dag
+
+    with DAG(
+        f"{name}_deploy",
+        schedule=[assets["approved"]],
+        description=f"{name}: serve the approved model with vLLM, smoke-test it, make it champion",
+        **common,
+    ) as deploy_dag:
+        VLLMDeployOperator(task_id="deploy", recipe_path=recipe_path, outlets=[assets["deployment"]])
+    dags[deploy_dag.dag_id] = deploy_dag
+
+    monitor_schedule = _cron(recipe.schedule.monitor) if recipe.schedule.monitor else None
+    with DAG(
+        f"{name}_monitor",
+        schedule=monitor_schedule,
+        description=f"{name}: SLOs from Prometheus and new data; requests retraining when needed",
+        **{**common, "default_args": {**common["default_args"], "retries": 0}},
+    ) as monitor_dag:
+        check = MonitorOperator(task_id="check", recipe_path=recipe_path)
+
+        @task.short_circuit(task_id="needs_retrain")
+        def needs_retrain(result: dict) -> bool:
+            return bool(result and result.get("retrain"))
+
+        @task(task_id="request_retrain", outlets=[assets["retrain"]])
+        def request_retrain(result: dict, **context) -> dict:
+            extra = {
+                lineage.RETRAIN_REASON: "; ".join(result.get("reasons", [])) or "unspecified",
+                **lineage.airflow_ids(context),
+            }
+            context["outlet_events"][assets["retrain"]].extra = extra
+            return extra
+
+        result = check.output
+        needs_retrain(result) >> request_retrain(result)
+    dags[monitor_dag.dag_id] = monitor_dag
+    return dags

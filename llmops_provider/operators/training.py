@@ -1,0 +1,201 @@
+"""Training: one operator, two scales (a local DeepSpeed process group or a Kubernetes pod).
+
+Both paths write the same :class:`~llmops_provider.specs.train.TrainJobSpec` and run the same
+entrypoint (``llmops_provider.runtime.train`` under the ``deepspeed`` launcher); they differ
+only in how the job is started and watched. The job is idempotent: the same recipe
+fingerprint and dataset commit reuse the registered model version.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from llmops_provider import __version__, config, lineage
+from llmops_provider.compat import AirflowException, AirflowFailException, BaseOperator
+from llmops_provider.operators.evaluation import emit_outlet_extra, triggering_extra
+
+RESULT_KEYS = ("mlflow_run_id", "model_name", "model_version", "dataset_commit", "reused", "final_loss")
+
+
+def _safe(part: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", part)
+
+
+class DeepSpeedTrainOperator(BaseOperator):
+    """Train (or reuse) the recipe's model on one dataset commit; register it as ``challenger``.
+
+    :param recipe_path: path of the recipe YAML (templated)
+    :param dataset_commit: dataset commit to train on (templated); empty: the triggering
+        dataset asset event's ``dataset_commit``, else the head of the recipe's dataset branch
+    :param backend: ``local`` or ``kubernetes``; default the recipe's ``training.backend``,
+        else ``[llmops] compute_backend``
+    :param mlflow_conn_id: MLflow connection; default the recipe's ``mlflow_conn_id``
+    :param kubernetes_conn_id: Kubernetes connection for the pod backend
+    :param mlflow_secret: Kubernetes Secret the pod reads MLflow settings/credentials from
+    :param deferrable: on Kubernetes, wait for the pod in the triggerer (no worker slot)
+
+    Returns ``{mlflow_run_id, model_name, model_version, dataset_commit, reused, final_loss}``
+    and puts the lineage ids into the event extra of the recipe's ``model`` asset outlet.
+    """
+
+    template_fields = ("recipe_path", "dataset_commit")
+    ui_color = "#f6d6b8"
+
+    def __init__(self, *, recipe_path: str, dataset_commit: str | None = None, backend: str | None = None,
+                 mlflow_conn_id: str | None = None, kubernetes_conn_id: str = "kubernetes_default",
+                 mlflow_secret: str = "llmops-mlflow", deferrable: bool = True, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.recipe_path = recipe_path
+        self.dataset_commit = dataset_commit
+        self.backend = backend
+        self.mlflow_conn_id = mlflow_conn_id
+        self.kubernetes_conn_id = kubernetes_conn_id
+        self.mlflow_secret = mlflow_secret
+        self.deferrable = deferrable
+        self._local = None
+        self._pod_op = None
+
+    # -- inputs ---------------------------------------------------------------------------
+
+    def resolve_dataset(self, recipe, context: Mapping[str, Any]) -> tuple[str, str]:
+        """(dataset_repo, commit): the parameter, else the triggering event, else the branch head."""
+        repo = recipe.data.dataset_repo
+        commit = str(self.dataset_commit).strip() if self.dataset_commit not in (None, "", "None") else None
+        if commit:
+            self.log.info("dataset commit %s from the dataset_commit parameter", commit)
+            return repo, commit
+        extra = triggering_extra(context, lineage.asset_uri(recipe.name, "dataset"))
+        if extra.get(lineage.DATASET_COMMIT):
+            self.log.info("dataset commit %s from the triggering dataset asset event", extra[lineage.DATASET_COMMIT])
+            return extra.get(lineage.DATASET_REPO) or repo, str(extra[lineage.DATASET_COMMIT])
+        from llmops_provider.datasets import get_store
+
+        head = get_store().head(repo, recipe.data.branch)
+        if head is None or not getattr(head, "commit_id", None):
+            raise AirflowFailException(
+                f"no dataset commit to train on: dataset_commit is empty, no dataset asset event triggered this run, "
+                f"and {repo}@{recipe.data.branch} has no commit; run the {recipe.name}_data DAG first")
+        self.log.info("dataset commit %s: head of %s@%s", head.commit_id, repo, recipe.data.branch)
+        return repo, head.commit_id
+
+    def build_spec(self, recipe, context: Mapping[str, Any]):
+        from llmops_provider.datasets import get_store
+        from llmops_provider.specs.train import TrainJobSpec
+
+        repo, commit = self.resolve_dataset(recipe, context)
+        dataset_dir = Path(get_store().local_path(repo, commit))
+        job_dir = config.home() / "jobs" / recipe.name / _safe(str(context["run_id"]))
+        tags = {**lineage.airflow_ids(context), "airflow_task_id": context["ti"].task_id,
+                "code_version": f"airflow-provider-llmops=={__version__}"}
+        spec = TrainJobSpec.from_recipe(recipe, dataset_dir=str(dataset_dir), dataset_repo=repo, dataset_commit=commit,
+                                        output_dir=str(job_dir / "train"), tags=tags)
+        job_dir.mkdir(parents=True, exist_ok=True)
+        (job_dir / "train-spec.json").write_text(spec.model_dump_json(indent=2))
+        return spec, job_dir / "train-spec.json"
+
+    # -- execution ------------------------------------------------------------------------
+
+    def execute(self, context):
+        from llmops_provider.recipes import load_recipe
+
+        recipe = load_recipe(self.recipe_path)
+        spec, spec_path = self.build_spec(recipe, context)
+        backend = self.backend or recipe.training.backend or config.get("compute_backend")
+        self.log.info("training %s on %s@%s (%s backend), spec %s, idempotency key %s", recipe.name,
+                      spec.dataset_repo, spec.dataset_commit, backend, spec_path, spec.idempotency_key)
+        if backend == "local":
+            result = self.run_local(spec, spec_path, recipe.mlflow_conn_id)
+        elif backend == "kubernetes":
+            result = self.run_pod(spec, recipe, context, lambda op: op.execute(context))
+        else:
+            raise AirflowFailException(f"backend={backend!r} is not a compute backend; use 'local' or 'kubernetes'")
+        return self.complete(context, recipe, spec, result)
+
+    def run_local(self, spec, spec_path: Path, recipe_conn_id: str) -> dict[str, Any]:
+        from llmops_provider.backends.local import JobFailed, LocalProcessBackend
+        from llmops_provider.hooks.mlflow import MLflowHook
+        from llmops_provider.runtime.train import free_port, launch_command
+
+        python = Path(config.get("runtime_python"))
+        launcher = python.parent / "deepspeed"  # the runtime venv's launcher (not resolved: venv bin dirs are symlinks)
+        if not launcher.exists():
+            raise AirflowFailException(
+                f"no deepspeed launcher next to [llmops] runtime_python={python}; point runtime_python at the "
+                "job-runtime venv's python (the one with deepspeed installed)")
+        env = MLflowHook(self.mlflow_conn_id or recipe_conn_id).job_env()
+        secrets = [v for k, v in env.items() if k.endswith(("PASSWORD", "TOKEN"))]
+        cmd = launch_command(str(spec_path), spec.training.world_size, launcher=str(launcher), master_port=free_port())
+        spec.result_file.unlink(missing_ok=True)  # a failed earlier try must not pass for this one
+        self._local = LocalProcessBackend(self.log)
+        try:
+            self._local.run(cmd, env=env, secrets=secrets)
+        except JobFailed as exc:
+            raise AirflowException(f"training job failed (exit {exc.returncode}); see the task log above") from exc
+        return json.loads(spec.result_file.read_text())
+
+    def run_pod(self, spec, recipe, context, start) -> dict[str, Any]:
+        """Run the pod; if it defers, resume in :meth:`execute_complete` with what's needed to rebuild it."""
+        from llmops_provider.backends.kubernetes import build_operator
+
+        try:
+            from airflow.sdk.exceptions import TaskDeferred
+        except ImportError:  # pragma: no cover
+            from airflow.exceptions import TaskDeferred
+
+        self._pod_op = build_operator(spec, recipe.training.kubernetes, task_id=self.task_id,
+                                      kubernetes_conn_id=self.kubernetes_conn_id, mlflow_secret=self.mlflow_secret,
+                                      deferrable=self.deferrable)
+        try:
+            xcom = start(self._pod_op)
+        except TaskDeferred as deferred:
+            raise TaskDeferred(
+                trigger=deferred.trigger, method_name="execute_complete", timeout=deferred.timeout,
+                kwargs={**(deferred.kwargs or {}), "train_spec": spec.model_dump_json(),
+                        "pod_method": deferred.method_name},
+            ) from None
+        if not xcom:
+            raise AirflowException("the training pod finished without a result (/airflow/xcom/return.json)")
+        return xcom
+
+    def execute_complete(self, context, event=None, *, train_spec: str, pod_method: str, **kwargs):
+        """Resume after the pod trigger fired: let KubernetesPodOperator finish, then publish."""
+        from llmops_provider.recipes import load_recipe
+        from llmops_provider.specs.train import TrainJobSpec
+
+        recipe = load_recipe(self.recipe_path)
+        spec = TrainJobSpec.model_validate_json(train_spec)
+        result = self.run_pod(spec, recipe, context, lambda op: getattr(op, pod_method)(context, event=event, **kwargs))
+        return self.complete(context, recipe, spec, result)
+
+    def complete(self, context, recipe, spec, result: dict[str, Any]) -> dict[str, Any]:
+        from llmops_provider.specs.train import TrainResult
+
+        res = TrainResult.model_validate(result)
+        if not res.model_version:
+            raise AirflowException(f"training job reported no model version: {result}")
+        extra = {
+            lineage.RECIPE_NAME: recipe.name,
+            lineage.RECIPE_FINGERPRINT: spec.recipe_fingerprint,
+            lineage.DATASET_REPO: spec.dataset_repo,
+            lineage.DATASET_COMMIT: res.dataset_commit,
+            lineage.MLFLOW_RUN_ID: res.mlflow_run_id,
+            lineage.MODEL_NAME: res.model_name,
+            lineage.MODEL_VERSION: res.model_version,
+            "reused": res.reused,
+            **lineage.airflow_ids(context),
+        }
+        emit_outlet_extra(context, self.outlets, lineage.asset_uri(recipe.name, "model"), extra, self.log)
+        self.log.info("%s model %s version %s (run %s, dataset %s)", "reused" if res.reused else "trained",
+                      res.model_name, res.model_version, res.mlflow_run_id, res.dataset_commit)
+        dumped = res.model_dump()
+        return {key: dumped[key] for key in RESULT_KEYS}
+
+    def on_kill(self) -> None:
+        if self._local is not None:
+            self._local.on_kill()
+        if self._pod_op is not None:
+            self._pod_op.on_kill()

