@@ -9,7 +9,7 @@ from __future__ import annotations
 from airflow.providers.common.compat.sdk import BaseHook, BaseOperator  # noqa: F401
 
 try:  # Airflow >= 3.0 task SDK
-    from airflow.sdk import DAG, Asset, AssetWatcher, Context, Metadata, Param, task  # noqa: F401
+    from airflow.sdk import DAG, Asset, AssetWatcher, Context, Metadata, Param, Variable, task  # noqa: F401
     from airflow.sdk.bases.sensor import BaseSensorOperator  # noqa: F401
 except ImportError as exc:  # pragma: no cover - Airflow 2 is not supported
     raise ImportError("airflow-provider-llmops needs Apache Airflow >= 3.1") from exc

@@ -88,9 +88,31 @@ def build_lifecycle_dags(recipe_path: str | Path) -> dict[str, DAG]:
             task_id="commit",
             recipe_path=recipe_path,
             staging_dir="{{ ti.xcom_pull(task_ids='prepare')['staging_dir'] }}",
-            outlets=[assets["dataset"]],
         )
+
+        # Unchanged data makes no commit and must not retrain: only a new version is published.
+        @task.short_circuit(task_id="dataset_changed")
+        def dataset_changed(result: dict) -> bool:
+            return bool(result and result.get("created"))
+
+        @task(task_id="publish", outlets=[assets["dataset"]])
+        def publish(result: dict, **context) -> dict:
+            stats = result.get("stats") or {}
+            extra = {
+                lineage.DATASET_REPO: result["dataset_repo"],
+                lineage.DATASET_COMMIT: result["dataset_commit"],
+                lineage.DATASET_BRANCH: result["branch"],
+                lineage.RECIPE_NAME: name,
+                "kept": stats.get("kept"),
+                "quarantined": stats.get("quarantined"),
+                "duplicates_removed": stats.get("duplicates_removed"),
+                **lineage.airflow_ids(context),
+            }
+            context["outlet_events"][assets["dataset"]].extra = extra
+            return extra
+
         prepare >> validate >> commit
+        dataset_changed(commit.output) >> publish(commit.output)
     dags[data_dag.dag_id] = data_dag
 
     with DAG(

@@ -25,6 +25,19 @@ AIRFLOW_DAG_ID = "airflow_dag_id"
 AIRFLOW_RUN_ID = "airflow_run_id"
 AIRFLOW_TRY = "airflow_try_number"
 
+SOURCE_FINGERPRINT = "source_fingerprint"
+
+
+def processed_sources_variable(recipe_name: str) -> str:
+    """Airflow Variable holding the fingerprint of the raw sources the last data run processed.
+
+    Kept outside the (content-addressed) dataset store because a data run over new files that
+    change nothing (e.g. only duplicates) makes no commit, yet must count as processed, or the
+    monitor would request the same retrain forever.
+    """
+    return f"llmops.{recipe_name}.processed_source_fingerprint"
+
+
 STAGES = ("dataset", "model", "approved", "deployment", "retrain")
 
 

@@ -137,12 +137,21 @@ def evaluate_slos(values: dict[str, float | None], slos: SLOs) -> dict[str, Any]
     return {"status": status, "slos": checked, "reasons": reasons}
 
 
-def new_data(current_fingerprint: str, has_files: bool, head_metadata: dict[str, Any] | None) -> tuple[bool, str]:
-    """Is there source data the last dataset commit has not seen? Returns (new, reason)."""
+def new_data(
+    current_fingerprint: str, has_files: bool, head_metadata: dict[str, Any] | None, processed: str | None = None
+) -> tuple[bool, str]:
+    """Is there source data no data run has processed yet? Returns (new, reason).
+
+    ``processed`` is the fingerprint the last data run recorded (even when it made no commit
+    because nothing changed); ``head_metadata`` is the dataset head's commit metadata.
+    """
     if not has_files:
         return False, "no source files"
     if head_metadata is None:
-        return True, "new data: no dataset commit yet"
+        # bootstrapping is the data DAG's own schedule; the monitor only reacts to change
+        return False, "no dataset commit yet: the data DAG's schedule creates the first one"
+    if processed == current_fingerprint:
+        return False, "no new data since the last data run"
     recorded = head_metadata.get(SOURCE_FINGERPRINT)
     if not recorded:
         # an older commit without a fingerprint: unknown, so do not loop retraining on it

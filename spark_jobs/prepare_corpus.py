@@ -264,7 +264,11 @@ def _replace_dir(tmp: Path, final: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
-    from llmops_provider.recipes import load_recipe  # pure pydantic; needs the repo on PYTHONPATH
+    try:
+        from llmops_provider.recipes import load_recipe  # pure pydantic
+    except ImportError:  # run from a checkout without PYTHONPATH: the package sits next to spark_jobs/
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from llmops_provider.recipes import load_recipe
 
     recipe = load_recipe(args.recipe)
     inputs = resolve_inputs(args.input)

@@ -232,15 +232,18 @@ def active_runs(api: Airflow, dag: str) -> list[dict]:
                     query={"state": ["queued", "running"], "order_by": "run_after", "limit": 20})["dag_runs"]
 
 
-def start_data_run(api: Airflow) -> str:
-    """Adopt a data run already in flight (a cron DAG's first scheduled run, a retrain), else trigger one."""
+def start_data_run(api: Airflow) -> tuple[str, bool]:
+    """Adopt a data run already in flight (a cron DAG's first scheduled run, a retrain), else trigger one.
+
+    Returns (run id, adopted).
+    """
     active = active_runs(api, dag_id("data"))
     if active:
         run = active[0]
         say(f"{dag_id('data')}: run {run['dag_run_id']} ({run['run_type']}) is already in flight; following it "
             "instead of triggering another")
-        return run["dag_run_id"]
-    return trigger(api, dag_id("data"))
+        return run["dag_run_id"], True
+    return trigger(api, dag_id("data")), False
 
 
 def wait_idle(api: Airflow, dag: str, timeout: float = 3600) -> None:
@@ -342,12 +345,24 @@ def downstream_run(api: Airflow, upstream_dag: str, upstream_run: str, dag: str,
         time.sleep(POLL_S)
 
 
-def follow_chain(api: Airflow, data_run: str, runs: dict[str, str]) -> None:
+def follow_chain(api: Airflow, data_run: str, runs: dict[str, str]) -> bool:
+    """Follow data -> train -> evaluate -> deploy; False when the data was unchanged (no new version)."""
     runs["data"] = data_run
-    follow(api, dag_id("data"), data_run, CHAIN[0][1])
+    tis = follow(api, dag_id("data"), data_run, CHAIN[0][1])
+    if (tis.get("publish") or {}).get("state") == "skipped":
+        say(f"{dag_id('data')}: the data is unchanged, so no new dataset version and no retraining; "
+            "the current champion stays")
+        return False
     for (prev, _), (stage, timeout) in zip(CHAIN, CHAIN[1:]):
         runs[stage] = downstream_run(api, dag_id(prev), runs[prev], dag_id(stage))
         follow(api, dag_id(stage), runs[stage], timeout)
+    return True
+
+
+def latest_success(api: Airflow, dag: str) -> str | None:
+    runs = api.call("GET", f"/dags/{dag}/dagRuns",
+                    query={"state": ["success"], "order_by": "-run_after", "limit": 1})["dag_runs"]
+    return runs[0]["dag_run_id"] if runs else None
 
 
 def monitor_once(api: Airflow) -> tuple[str, dict, str | None]:
@@ -370,30 +385,30 @@ def monitor_once(api: Airflow) -> tuple[str, dict, str | None]:
 
 
 def build_summary(api: Airflow, runs: dict[str, str], monitor: dict, feedback: dict) -> dict:
+    """Each stage's XCom ``return_value`` as is (docs/architecture.md), plus lineage and the UIs."""
+
     def x(stage: str, task: str) -> dict:
-        return (api.xcom(dag_id(stage), runs[stage], task) or {}) if stage in runs else {}
+        # stages this demo did not run (unchanged data) report the current champion's last runs
+        run = runs.get(stage) or latest_success(api, dag_id(stage))
+        if run and stage not in runs:
+            runs[stage] = run
+        return (api.xcom(dag_id(stage), run, task) or {}) if run else {}
 
     commit, train, evaluate, deploy = x("data", "commit"), x("train", "train"), x("evaluate", "evaluate"), x("deploy", "deploy")
     model = deploy.get("model_name") or train.get("model_name")
     version = deploy.get("model_version") or train.get("model_version")
-    dataset_commit = train.get("dataset_commit") or commit.get("dataset_commit")
+    dataset_commit = deploy.get("dataset_commit") or train.get("dataset_commit") or commit.get("dataset_commit")
     lineage = (f"champion {model} v{version} <- run {train.get('mlflow_run_id')} <- dataset "
                f"{commit.get('dataset_repo')}@{dataset_commit}")
     return {
         "recipe": RECIPE,
         "runs": {dag_id(s): r for s, r in runs.items()},
-        "dataset": {"repo": commit.get("dataset_repo"), "commit": commit.get("dataset_commit"),
-                    "branch": commit.get("branch"), "created": commit.get("created"), "stats": commit.get("stats")},
-        "training": {"mlflow_run_id": train.get("mlflow_run_id"), "model_name": train.get("model_name"),
-                     "model_version": train.get("model_version"), "final_loss": train.get("final_loss"),
-                     "reused": train.get("reused")},
-        "evaluation": {"verdict": evaluate.get("verdict"), "metrics": evaluate.get("metrics"),
-                       "thresholds": evaluate.get("thresholds"), "eval_run_id": evaluate.get("eval_run_id"),
-                       "report_path": evaluate.get("report_path")},
-        "deployment": {"endpoint": deploy.get("endpoint"), "served_model_name": deploy.get("served_model_name"),
-                       "alias": deploy.get("alias"), "prompt": deploy.get("prompt"), "completion": deploy.get("completion")},
+        "data": commit,
+        "train": train,
+        "evaluate": evaluate,
+        "deploy": deploy,
+        "monitor": monitor,
         "lineage": lineage,
-        "monitoring": monitor,
         "feedback": feedback,
         "ui": {"airflow": {"url": AIRFLOW_URL, "user": api.user, "password": api.password,
                            "password_file": str(PASSWORDS_FILE)},
@@ -403,20 +418,22 @@ def build_summary(api: Airflow, runs: dict[str, str], monitor: dict, feedback: d
 
 
 def print_summary(s: dict) -> None:
-    d, t, e, dep, m, f = s["dataset"], s["training"], s["evaluation"], s["deployment"], s["monitoring"], s["feedback"]
-    metrics = ", ".join(f"{k}={v:.4g}" if isinstance(v, (int, float)) else f"{k}={v}" for k, v in (e["metrics"] or {}).items())
+    d, t, e, dep, m, f = s["data"], s["train"], s["evaluate"], s["deploy"], s["monitor"], s["feedback"]
+    metrics = ", ".join(f"{k}={v:.4g}" if isinstance(v, (int, float)) else f"{k}={v}"
+                        for k, v in (e.get("metrics") or {}).items())
     lines = [
         "",
         "=" * 78,
         f"SUMMARY  recipe {s['recipe']}" + ("" if s.get("ok", True) else "   ** FAILED **"),
         "=" * 78,
-        f"dataset     {d['repo']}@{d['commit']} (branch {d['branch']}, new commit: {d['created']})",
-        f"training    MLflow run {t['mlflow_run_id']} -> model {t['model_name']} v{t['model_version']}"
-        f" (final loss {t['final_loss']}, reused: {t['reused']})",
-        f"evaluation  verdict {e['verdict']}: {metrics or '-'}",
-        f"deployment  {dep['endpoint']} serving {dep['served_model_name']} (alias {dep['alias']})",
-        f"            prompt:     {dep['prompt']!r}",
-        f"            completion: {dep['completion']!r}",
+        f"dataset     {d.get('dataset_repo')}@{d.get('dataset_commit')} (branch {d.get('branch')}, "
+        f"new commit: {d.get('created')})",
+        f"training    MLflow run {t.get('mlflow_run_id')} -> model {t.get('model_name')} v{t.get('model_version')}"
+        f" (final loss {t.get('final_loss')}, reused: {t.get('reused')})",
+        f"evaluation  verdict {e.get('verdict')}: {metrics or '-'}",
+        f"deployment  {dep.get('endpoint')} serving {dep.get('served_model_name')} (alias {dep.get('alias')})",
+        f"            prompt:     {dep.get('prompt')!r}",
+        f"            completion: {dep.get('completion')!r}",
         f"lineage     {s['lineage']}",
         f"monitoring  status {m.get('status')}; new data: {m.get('new_data')}; retrain: {m.get('retrain')}",
         f"feedback    {f.get('message', '-')}",
@@ -457,7 +474,17 @@ def main(argv: list[str] | None = None) -> int:
         unpause(api, dags)
 
         say("== 1. data -> train -> evaluate -> deploy")
-        follow_chain(api, start_data_run(api), runs)
+        head, adopted = start_data_run(api)
+        try:
+            follow_chain(api, head, runs)
+        except DemoFailed as exc:
+            if not adopted or "train" in runs:
+                raise
+            # e.g. the data DAG's first cron run started before the batch landed: run our own
+            say(f"the adopted run failed ({str(exc).splitlines()[0]}); triggering a fresh one")
+            runs.clear()
+            wait_idle(api, dag_id("data"))
+            follow_chain(api, trigger(api, dag_id("data")), runs)
 
         say("== 2. monitor the deployment")
         runs["monitor"], monitor, _ = monitor_once(api)

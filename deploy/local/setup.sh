@@ -44,10 +44,11 @@ system_packages() {
         as_root chmod +x "$policy"
         created=1
     fi
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
-    [ "$created" = 1 ] && as_root rm -f "$policy"
-    return 0
+    local rc=0
+    { as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q &&
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"; } || rc=$?
+    if [ "$created" = 1 ]; then as_root rm -f "$policy"; fi
+    [ "$rc" = 0 ] || { say "apt-get failed (exit $rc)"; exit "$rc"; }
 }
 
 ensure_uv() {
@@ -106,8 +107,11 @@ ensure_venv() {
         say "$dir up to date with $lock"
         return
     fi
-    if [ -x "$dir/bin/python" ] && matches_lock "$dir" "$lock" "${remove[@]}" && editable_ok "$dir"; then
-        say "$dir already matches $lock; stamping it"
+    if [ -x "$dir/bin/python" ] && matches_lock "$dir" "$lock" "${remove[@]}"; then
+        # pins already right (e.g. only pyproject.toml changed): refresh the editable install's
+        # metadata (entry points) and stamp
+        say "$dir already matches $lock; refreshing the editable install"
+        VIRTUAL_ENV="$dir" uv pip install -q --no-deps -e "$ROOT"
         echo "$want" >"$dir/$STAMP"
         return
     fi

@@ -66,11 +66,11 @@ wait_until() {
     while ! "$@"; do
         if ! running "$name"; then
             show_log "$LOGS/$name.log"
-            die "$name exited during startup (log above: $LOGS/$name.log)"
+            die "$name exited during startup (log above: $LOGS/$name.log); the rest keeps running: deploy/local/stack.sh stop"
         fi
         if [ $((SECONDS - started)) -ge "$timeout" ]; then
             show_log "$LOGS/$name.log"
-            die "$name not healthy after ${timeout}s (log above: $LOGS/$name.log)"
+            die "$name not healthy after ${timeout}s (log above: $LOGS/$name.log); deploy/local/stack.sh stop ends the rest"
         fi
         sleep 1
     done

@@ -25,6 +25,7 @@ STATS_FILE = "stats.json"
 JOB_FILE = "_job.json"  # '_' keeps run provenance out of the committed tree
 REPORT_JSON = "_validation_report.json"
 REPORT_MD = "_validation_report.md"
+SOURCE_FILE = "_source.json"  # fingerprint of the raw sources as read: the monitor's "new data" check
 LOCAL_FALLBACK_MASTER = "local[*]"
 
 # spark_jobs/ sits next to the package in the repository (and in the images built from it)
@@ -195,8 +196,13 @@ class SparkPrepareDataOperator(BaseOperator):
             env_vars=self._job_env(master),
             spark_binary=self._spark_binary(conn),
         )
+        from llmops_provider.monitoring import source_fingerprint
+
+        # fingerprint before Spark reads: a file landing mid-run only causes one extra refresh later
+        fingerprint = source_fingerprint(inputs)
         self.log.info("Preparing %s from %s into %s", recipe.name, inputs, staging)
         self._hook.submit(str(application))
+        (staging / SOURCE_FILE).write_text(json.dumps({"source_fingerprint": fingerprint, "inputs": inputs}))
 
         stats = _read_json(staging / STATS_FILE, "the Spark job did not write its stats")
         job = _read_json(staging / JOB_FILE, "the Spark job did not write its run record")
@@ -439,6 +445,12 @@ class CommitDatasetOperator(BaseOperator):
                 return outlet
         return Asset(uri)
 
+    def _record_processed_sources(self, recipe_name: str, fingerprint: str) -> None:
+        """Mark the raw sources processed, even when nothing changed: the monitor must not ask again."""
+        from llmops_provider.compat import Variable
+
+        Variable.set(lineage.processed_sources_variable(recipe_name), fingerprint)
+
     def execute(self, context) -> dict[str, Any]:
         from llmops_provider.datasets import get_store
 
@@ -448,17 +460,21 @@ class CommitDatasetOperator(BaseOperator):
         stats = _read_json(staging / STATS_FILE, "nothing to commit")
         job = json.loads((staging / JOB_FILE).read_text()) if (staging / JOB_FILE).is_file() else {}
         validation = json.loads((staging / REPORT_JSON).read_text()) if (staging / REPORT_JSON).is_file() else None
+        source = json.loads((staging / SOURCE_FILE).read_text()) if (staging / SOURCE_FILE).is_file() else {}
 
         metadata = {
             **lineage.airflow_ids(context),
             lineage.RECIPE_NAME: recipe.name,
             lineage.RECIPE_FINGERPRINT: recipe.fingerprint(),
             "spark_app_id": job.get("spark_app_id"),
+            "source_fingerprint": source.get("source_fingerprint"),
             "stats": stats,
             "validation": None if validation is None else {"success": validation["success"], "failed": validation["failed"]},
         }
         store = get_store()
         info = store.commit(data.dataset_repo, data.branch, staging, metadata)
+        if source.get("source_fingerprint"):
+            self._record_processed_sources(recipe.name, source["source_fingerprint"])
         if info.created:
             self.log.info("Committed %s@%s: %s (parent %s)", data.dataset_repo, data.branch, info.commit_id, info.parent)
         else:

@@ -100,6 +100,7 @@ class VLLMDeployOperator(BaseOperator):
             name=recipe.name, model_name=recipe.model_name, model_version=version, mlflow_run_id=run_id,
             host=dep.host, port=dep.port, max_model_len=dep.max_model_len, dtype=dep.dtype,
             startup_timeout_s=dep.startup_timeout_s,
+            **({"artifact_path": tags["artifact_path"]} if tags.get("artifact_path") else {}),
         )
         spec_path, out_path = work / "serve-spec.json", work / "serve-result.json"
         spec_path.write_text(spec.model_dump_json(indent=2))

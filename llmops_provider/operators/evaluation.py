@@ -156,6 +156,7 @@ class LMEvalGateOperator(BaseOperator):
             recipe=recipe.name, model_name=recipe.model_name, model_version=version, mlflow_run_id=run_id,
             dataset_repo=recipe.data.dataset_repo, dataset_commit=commit,
             dataset_dir=str(self.dataset_dir(recipe, commit)), thresholds=dict(recipe.evaluation.thresholds),
+            **({"artifact_path": tags["artifact_path"]} if tags.get("artifact_path") else {}),
             limit=recipe.evaluation.limit, output_dir=str(out_dir), extra_tags=extra_tags,
         )
         spec_path = out_dir / "spec.json"

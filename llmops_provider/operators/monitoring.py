@@ -59,7 +59,7 @@ class MonitorOperator(BaseOperator):
         has_files = bool(monitoring.source_files(sources))
         fingerprint = monitoring.source_fingerprint(sources)
         head = self._dataset_head(recipe.data.dataset_repo, recipe.data.branch)
-        is_new, why = monitoring.new_data(fingerprint, has_files, head)
+        is_new, why = monitoring.new_data(fingerprint, has_files, head, self._processed_fingerprint(recipe.name))
         self.log.info("data: %s (fingerprint %s)", why, fingerprint[:12])
 
         reasons = list(result["reasons"])
@@ -79,6 +79,12 @@ class MonitorOperator(BaseOperator):
             context["ti"].xcom_push(key="return_value", value=out)
             raise AirflowException(f"monitoring unavailable: {unreachable}")
         return out
+
+    def _processed_fingerprint(self, recipe_name: str) -> str | None:
+        from llmops_provider import lineage
+        from llmops_provider.compat import Variable
+
+        return Variable.get(lineage.processed_sources_variable(recipe_name), default=None)
 
     def _dataset_head(self, repo: str, branch: str) -> dict[str, Any] | None:
         from llmops_provider.datasets import get_store

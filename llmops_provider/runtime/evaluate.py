@@ -222,10 +222,10 @@ def evaluate(spec: EvalJobSpec) -> EvalResult:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one line per chunk in task logs
     started = time.monotonic()
 
-    model_dir = download_model(spec, out_dir / "model")
     data_file = out_dir / "tasks" / "heldout.jsonl"
     data_file.parent.mkdir(parents=True, exist_ok=True)
-    n_docs = write_heldout(Path(spec.dataset_dir) / spec.test_split, data_file, spec.limit)
+    n_docs = write_heldout(Path(spec.dataset_dir) / spec.test_split, data_file, spec.limit)  # cheap checks first
+    model_dir = download_model(spec, out_dir / "model")
     task = write_task(out_dir / "tasks", data_file, model_dir)
     log.info("evaluating %s v%s on %d held-out documents", spec.model_name, spec.model_version, n_docs)
     metrics = run_lm_eval(model_dir, out_dir / "tasks", task, spec)

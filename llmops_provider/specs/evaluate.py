@@ -13,9 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from llmops_provider.recipes import Threshold
 
-# Where the training job logs the servable model inside its MLflow run: a plain HF
-# ``save_pretrained`` directory (weights + tokenizer) with the LoRA adapter merged in.
-MERGED_ARTIFACT_PATH = "model/merged"
+# Where the training job logs the servable model inside its MLflow run (a plain HF
+# save_pretrained dir, adapter merged, tokenizer included); one constant, owned by training.
+from llmops_provider.specs.train import MERGED_ARTIFACT_PATH  # noqa: F401 - re-exported
 
 # The metric the recipe's default threshold names. It is TOKEN-level perplexity:
 # exp(-sum(loglikelihood) / sum(tokens)) over the held-out documents, tokens counted with

@@ -185,9 +185,12 @@ def test_validation_fails_closed_and_names_the_expectation(corpus, staged):
         op.execute(_context())
 
 
-def test_commit_is_idempotent_and_emits_lineage(corpus, staged):
+def test_commit_is_idempotent_and_emits_lineage(corpus, staged, monkeypatch):
     from llmops_provider.datasets import get_store
     from llmops_provider.operators.data import CommitDatasetOperator
+
+    recorded = []  # the Airflow Variable needs a live task supervisor; the e2e tier covers the real one
+    monkeypatch.setattr(CommitDatasetOperator, "_record_processed_sources", lambda self, r, fp: recorded.append((r, fp)))
 
     context = _context()
     # as the DAG factory declares it: events are keyed by name AND uri, so the operator must use this one

@@ -104,7 +104,7 @@ def test_deploy_smoke_metrics_idempotent_stop(tmp_path, tmp_path_factory, mlflow
 
         hook = VLLMHook(base_url=endpoint)
         assert hook.health() and hook.models() == [NAME]
-        assert hook.complete("def", max_tokens=4, ignore_eos=True, skip_special_tokens=False)
+        assert hook.complete("Return a list of", max_tokens=16, model=NAME, ignore_eos=True, skip_special_tokens=False)
         metrics = hook.metrics_text()
         assert "vllm:" in metrics and "vllm:generation_tokens" in metrics
 

@@ -113,8 +113,14 @@ class TestNewData:
     def test_no_files(self):
         assert new_data("f", False, None)[0] is False
 
-    def test_no_commit_yet(self):
-        assert new_data("f", True, None)[0] is True
+    def test_no_commit_yet_is_left_to_the_data_schedule(self):
+        is_new, why = new_data("f", True, None)
+        assert is_new is False and "no dataset commit yet" in why
+
+    def test_processed_without_commit_does_not_loop(self):
+        # a data run over new-but-duplicate files commits nothing, yet marks the sources processed
+        assert new_data("abc", True, {"source_fingerprint": "old"}, processed="abc")[0] is False
+        assert new_data("abc", True, {"source_fingerprint": "old"}, processed="older")[0] is True
 
     def test_compare_with_head(self):
         assert new_data("abc", True, {"source_fingerprint": "abc"})[0] is False
@@ -195,7 +201,7 @@ class TestMonitorOperator:
             monitoring: {slos: {ttft_p95_seconds: 1.0}}
         """))
 
-    def _run(self, monkeypatch, recipe, values, head_metadata, **kwargs):
+    def _run(self, monkeypatch, recipe, values, head_metadata, processed=None, **kwargs):
         from llmops_provider.operators import monitoring as op_mod
 
         class FakeHook:
@@ -220,12 +226,15 @@ class TestMonitorOperator:
         import llmops_provider.datasets as datasets
 
         monkeypatch.setattr(datasets, "get_store", lambda name=None: FakeStore(), raising=False)
+        monkeypatch.setattr(op, "_processed_fingerprint", lambda name: processed)
         return op.execute({"ti": None})
 
     def test_new_data_requests_retrain(self, monkeypatch, recipe):
         out = self._run(monkeypatch, recipe, {"requests": 0}, {"source_fingerprint": "old"})
         assert out["status"] == "no-data" and out["new_data"] is True and out["retrain"] is True
-        assert self._run(monkeypatch, recipe, {}, None)["retrain"] is True  # no dataset commit yet
+        assert self._run(monkeypatch, recipe, {}, None)["retrain"] is False  # no commit yet: the data schedule bootstraps
+        fp = out["source_fingerprint"]
+        assert self._run(monkeypatch, recipe, {}, {"source_fingerprint": "old"}, processed=fp)["retrain"] is False
         assert set(out) >= {"status", "slos", "new_data", "retrain", "reasons"}
 
     def test_same_data_and_breach_does_not_retrain_by_default(self, monkeypatch, recipe, tmp_path):
@@ -251,11 +260,13 @@ class TestMonitorOperator:
         import llmops_provider.datasets as datasets
 
         monkeypatch.setattr("llmops_provider.hooks.prometheus.PrometheusHook", DownHook)
-        monkeypatch.setattr(datasets, "get_store", lambda name=None: SimpleNamespace(head=lambda r, b: None),
+        monkeypatch.setattr(datasets, "get_store",
+                            lambda name=None: SimpleNamespace(head=lambda r, b: SimpleNamespace(metadata={"source_fingerprint": "old"})),
                             raising=False)
         pushed = {}
         ti = SimpleNamespace(xcom_push=lambda key, value: pushed.update({key: value}))
         op = op_mod.MonitorOperator(task_id="check", recipe_path=str(recipe))
+        monkeypatch.setattr(op, "_processed_fingerprint", lambda name: None)
         with pytest.raises(AirflowException, match="monitoring unavailable"):
             op.execute({"ti": ti})
         assert pushed["return_value"]["status"] == "unreachable"
