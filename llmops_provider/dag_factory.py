@@ -90,10 +90,18 @@ def build_lifecycle_dags(recipe_path: str | Path) -> dict[str, DAG]:
             staging_dir="{{ ti.xcom_pull(task_ids='prepare')['staging_dir'] }}",
         )
 
-        # Unchanged data makes no commit and must not retrain: only a new version is published.
-        @task.short_circuit(task_id="dataset_changed")
-        def dataset_changed(result: dict) -> bool:
-            return bool(result and result.get("created"))
+        # Publish (and so retrain) only a new dataset version, or one this recipe has not trained on
+        # yet (the recipe changed): unchanged inputs must not re-run train/evaluate/deploy.
+        @task.short_circuit(task_id="needs_training")
+        def needs_training(result: dict) -> bool:
+            from llmops_provider.operators.training import trained_version
+
+            if result.get("created"):
+                return True
+            version = trained_version(recipe_path, result["dataset_commit"])
+            print(f"dataset {result['dataset_commit'][:12]} unchanged; trained with this recipe: "
+                  f"{'model version ' + version if version else 'not yet'}")
+            return version is None
 
         @task(task_id="publish", outlets=[assets["dataset"]])
         def publish(result: dict, **context) -> dict:
@@ -112,7 +120,7 @@ def build_lifecycle_dags(recipe_path: str | Path) -> dict[str, DAG]:
             return extra
 
         prepare >> validate >> commit
-        dataset_changed(commit.output) >> publish(commit.output)
+        needs_training(commit.output) >> publish(commit.output)
     dags[data_dag.dag_id] = data_dag
 
     with DAG(

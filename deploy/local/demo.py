@@ -22,7 +22,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -350,8 +350,8 @@ def follow_chain(api: Airflow, data_run: str, runs: dict[str, str]) -> bool:
     runs["data"] = data_run
     tis = follow(api, dag_id("data"), data_run, CHAIN[0][1])
     if (tis.get("publish") or {}).get("state") == "skipped":
-        say(f"{dag_id('data')}: the data is unchanged, so no new dataset version and no retraining; "
-            "the current champion stays")
+        say(f"{dag_id('data')}: the data is unchanged and this recipe already trained on it: nothing to "
+            "retrain; the current champion stays")
         return False
     for (prev, _), (stage, timeout) in zip(CHAIN, CHAIN[1:]):
         runs[stage] = downstream_run(api, dag_id(prev), runs[prev], dag_id(stage))

@@ -43,6 +43,8 @@ export AIRFLOW__API__WORKERS=1
 # new recipe files appear within seconds rather than minutes
 export AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL="${AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL:-10}"
 export AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL="${AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL:-10}"
+# parse in fresh interpreters: edits to llmops_provider/ (not only to dags/) show up without a restart
+export AIRFLOW__DAG_PROCESSOR__PARSING_PRE_IMPORT_MODULES=False
 export AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK=False  # it would bind 0.0.0.0:8974
 
 # Secrets generated once per home (never committed): stable across restarts so JWTs and

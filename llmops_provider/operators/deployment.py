@@ -13,7 +13,8 @@ from typing import Any
 
 from llmops_provider import config, lineage
 from llmops_provider.compat import AirflowException, AirflowFailException, BaseOperator
-from llmops_provider.operators.evaluation import emit_outlet_extra, triggering_extra, version_from
+from llmops_provider.lineage import emit_outlet_extra, triggering_extra
+from llmops_provider.operators.evaluation import version_from
 
 CHAMPION_ALIAS = "champion"
 PASSED = "passed"  # == specs.evaluate.VERDICT_PASSED (kept literal: that module imports pydantic models)
@@ -77,7 +78,7 @@ class VLLMDeployOperator(BaseOperator):
         from llmops_provider.hooks.mlflow import MLflowHook
         from llmops_provider.hooks.vllm import VLLMError, VLLMHook
         from llmops_provider.recipes import load_recipe
-        from llmops_provider.runtime.serve import ServeSpec  # pydantic + stdlib only
+        from llmops_provider.specs.serve import ServeSpec
 
         recipe = load_recipe(self.recipe_path)
         dep = recipe.deployment

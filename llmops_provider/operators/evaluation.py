@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from llmops_provider import config, lineage
+from llmops_provider.lineage import emit_outlet_extra, triggering_extra  # noqa: F401 - re-exported
 from llmops_provider.compat import AirflowException, AirflowFailException, BaseOperator
 
 CHALLENGER_ALIAS = "challenger"
@@ -24,30 +25,6 @@ class EvalGateFailed(AirflowFailException):
 
 
 # --- asset-event helpers (shared with the deployment operator) --------------------------------
-
-def triggering_extra(context: Mapping[str, Any], uri: str) -> dict[str, Any]:
-    """Extra of the newest triggering event of the asset ``uri``; ``{}`` for a manual run."""
-    events = context.get("triggering_asset_events") or {}
-    found: list[Any] = []
-    for asset in list(events):
-        if getattr(asset, "uri", None) == uri:
-            found.extend(events[asset])
-    for event in reversed(found):  # the accessor lists events oldest first
-        extra = getattr(event, "extra", None) or {}
-        if extra:
-            return dict(extra)
-    return {}
-
-
-def emit_outlet_extra(context: Mapping[str, Any], outlets: Iterable[Any], uri: str, extra: dict[str, Any], log) -> bool:
-    """Attach ``extra`` to this task's outlet event for ``uri``; False if the task lacks that outlet."""
-    target = next((o for o in outlets or () if getattr(o, "uri", None) == uri), None)
-    if target is None:
-        log.warning("task has no outlet %s: no asset event carries the lineage %s", uri, extra)
-        return False
-    context["outlet_events"][target].extra.update(extra)
-    return True
-
 
 def version_from(value: Any, field: str) -> str | None:
     if value is None or str(value).strip() in ("", "None"):

@@ -16,7 +16,7 @@ from typing import Any
 
 from llmops_provider import __version__, config, lineage
 from llmops_provider.compat import AirflowException, AirflowFailException, BaseOperator
-from llmops_provider.operators.evaluation import emit_outlet_extra, triggering_extra
+from llmops_provider.lineage import emit_outlet_extra, triggering_extra
 
 RESULT_KEYS = ("mlflow_run_id", "model_name", "model_version", "dataset_commit", "reused", "final_loss")
 
@@ -199,3 +199,23 @@ class DeepSpeedTrainOperator(BaseOperator):
             self._local.on_kill()
         if self._pod_op is not None:
             self._pod_op.on_kill()
+
+
+def trained_version(recipe_path: str, dataset_commit: str, mlflow_conn_id: str | None = None) -> str | None:
+    """The registered model version already trained from this recipe on this dataset commit, if any.
+
+    Same key as the training runtime's idempotency check, so the data DAG can skip a retrain that
+    would only reuse an existing version.
+    """
+    from llmops_provider.hooks.mlflow import MLflowHook
+    from llmops_provider.recipes import load_recipe
+    from llmops_provider.specs.train import IDEMPOTENCY_TAG, idempotency_key
+
+    recipe = load_recipe(recipe_path)
+    client = MLflowHook(mlflow_conn_id or recipe.mlflow_conn_id).get_client()
+    key = idempotency_key(recipe.fingerprint(), dataset_commit)
+    if not client.search_registered_models(filter_string=f"name = '{recipe.model_name}'"):
+        return None
+    versions = client.search_model_versions(f"name = '{recipe.model_name}' and tags.{IDEMPOTENCY_TAG} = '{key}'")
+    finished = [v for v in versions if v.run_id and client.get_run(v.run_id).info.status == "FINISHED"]
+    return str(max(int(v.version) for v in finished)) if finished else None

@@ -100,7 +100,7 @@ def exporter():
 def prometheus(tmp_path_factory, exporter):
     binary = which("prometheus")
     if not binary:
-        pytest.skip("prometheus binary not installed (apt-get install prometheus)")
+        pytest.fail("prometheus binary not installed: run `make setup` (apt-get install prometheus)")
     work = tmp_path_factory.mktemp("prometheus")
     (work / "prometheus.yml").write_text(textwrap.dedent(f"""\
         global: {{scrape_interval: 1s, evaluation_interval: 1s}}

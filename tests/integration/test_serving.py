@@ -14,12 +14,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import RUNTIME_PYTHON, free_port, have_runtime
-from test_evaluate import build_tiny_model, register_tiny_model
+from conftest import RUNTIME_PYTHON, free_port
+from tiny_model import build_tiny_model, register_tiny_model
 
 pytestmark = [
     pytest.mark.integration,
-    pytest.mark.skipif(not have_runtime(), reason="needs the job runtime venv .venv-runtime"),
 ]
 
 NAME = "tiny-serve"

@@ -8,16 +8,14 @@ spec, launcher command, MLflow environment, result and asset extra are exercised
 from __future__ import annotations
 
 import json
-from collections import defaultdict
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import ROOT, have_runtime
+from conftest import ROOT
 
 pytestmark = [
     pytest.mark.integration,
-    pytest.mark.skipif(not have_runtime(), reason="needs the job-runtime venv .venv-runtime"),
     pytest.mark.timeout(600),
 ]
 

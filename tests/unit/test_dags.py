@@ -42,7 +42,7 @@ def test_stages_are_linked_by_assets(dagbag):
     data = dagbag.dags["tiny-llama_data"]
     # only a NEW dataset version is published (unchanged data short-circuits before `publish`)
     assert uris(data.get_task("publish").outlets) == {"llmops://tiny-llama/dataset"}
-    assert data.get_task("publish").upstream_task_ids == {"commit", "dataset_changed"}
+    assert data.get_task("publish").upstream_task_ids == {"commit", "needs_training"}
     assert "llmops://tiny-llama/dataset" in str(train.timetable.asset_condition)
     assert uris(train.get_task("train").outlets) == {"llmops://tiny-llama/model"}
     assert uris(dagbag.dags["tiny-llama_evaluate"].get_task("evaluate").outlets) == {"llmops://tiny-llama/approved"}

@@ -5,7 +5,7 @@ imports the Airflow task SDK (a cost both files share), then times only ``runpy.
 file. Samples alternate between the two files so machine noise hits both alike; the result is
 the ratio of medians. Writes bench/results/parse_time.json.
 
-    .venv/bin/python bench/parse_time.py [--samples 7]
+    .venv/bin/python bench/bench_parse_time.py [--samples 7]
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     result = {
         "benchmark": "dag_file_parse_time",
-        "command": f".venv/bin/python bench/parse_time.py --samples {args.samples}",
+        "command": f".venv/bin/python bench/bench_parse_time.py --samples {args.samples}",
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores, Python {platform.python_version()}",
         "dags_defined": dags,
