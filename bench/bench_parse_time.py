@@ -30,7 +30,7 @@ PROBE = (
     "from airflow.providers.standard.operators.empty import EmptyOperator\n"
     "t = time.perf_counter(); g = runpy.run_path(sys.argv[1]); dt = time.perf_counter() - t\n"
     "from airflow.sdk import DAG\n"
-    "print(dt, sum(isinstance(v, DAG) for v in g.values()))\n"
+    "print(dt, len({id(v) for v in g.values() if isinstance(v, DAG)}))\n"
 )
 
 

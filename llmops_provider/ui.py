@@ -52,17 +52,19 @@ def render(rows: list[dict]) -> str:
     body = []
     for row in rows:
         if row.get("error"):
-            body.append(f"<tr><td>{_cell(row['recipe'])}</td><td colspan=5><pre class=err>{_cell(row['error'])}</pre></td></tr>")
+            body.append(f"<tr><td>{_cell(row['recipe'])}</td><td colspan=6><pre class=err>{_cell(row['error'])}</pre></td></tr>")
             continue
         dep = row.get("deployment") or {}
         ds = row.get("dataset") or {}
+        serving = f"{dep.get(lineage.MODEL_NAME)} v{dep.get(lineage.MODEL_VERSION)}" if dep else None
         body.append(
             "<tr>"
             f"<td>{_cell(row['recipe'])}</td>"
             f"<td>{_cell(ds.get('repo'))}@{_cell((ds.get('commit') or '')[:12])}</td>"
+            f"<td>{_cell(serving)}</td>"
+            f"<td>{_cell((dep.get(lineage.DATASET_COMMIT) or '')[:12])}</td>"
             f"<td>{_cell(dep.get(lineage.MLFLOW_RUN_ID))}</td>"
-            f"<td>{_cell(dep.get(lineage.MODEL_NAME))} v{_cell(dep.get(lineage.MODEL_VERSION))}</td>"
-            f"<td>{_cell(dep.get(lineage.EVAL_VERDICT))}</td>"
+            f"<td>{_cell(dep.get(lineage.EVAL_RUN_ID))}</td>"
             f"<td>{_cell(dep.get(lineage.ENDPOINT))}</td>"
             "</tr>"
         )
@@ -71,8 +73,8 @@ def render(rows: list[dict]) -> str:
         "<style>body{font-family:sans-serif;margin:2em}td,th{border:1px solid #ccc;padding:.4em}"
         "table{border-collapse:collapse}.err{color:#b00;white-space:pre-wrap}</style></head><body>"
         "<h1>LLMOps lineage</h1><p>dataset commit &rarr; training run &rarr; model version &rarr; eval &rarr; endpoint</p>"
-        "<table><tr><th>recipe</th><th>dataset (head)</th><th>training run</th><th>serving model</th>"
-        "<th>eval</th><th>endpoint</th></tr>" + "".join(body) + "</table></body></html>"
+        "<table><tr><th>recipe</th><th>dataset head</th><th>serving model</th><th>trained on commit</th>"
+        "<th>training run</th><th>eval run</th><th>endpoint</th></tr>" + "".join(body) + "</table></body></html>"
     )
 
 

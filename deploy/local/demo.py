@@ -365,6 +365,38 @@ def latest_success(api: Airflow, dag: str) -> str | None:
     return runs[0]["dag_run_id"] if runs else None
 
 
+def send_traffic(api: Airflow, runs: dict[str, str], requests: int = 24) -> dict:
+    """A small, seeded load of held-out prompts against the champion, so the monitor sees real series."""
+    run = runs.get("deploy") or latest_success(api, dag_id("deploy"))
+    deploy = api.xcom(dag_id("deploy"), run, "deploy") if run else None
+    commit = api.xcom(dag_id("data"), runs["data"], "commit") if "data" in runs else None
+    if not deploy or not commit:
+        say("traffic: no deployment to send traffic to")
+        return {"sent": 0, "errors": 0}
+    sys.path.insert(0, str(ROOT))
+    from llmops_provider.datasets import get_store  # the control-plane venv has the provider
+
+    test_split = get_store().local_path(commit["dataset_repo"], commit["dataset_commit"]) / "test.jsonl"
+    docs = [json.loads(line)["text"] for line in test_split.read_text().splitlines() if line.strip()]
+    prompts = [" ".join(d.split()[:6]) for d in docs][:requests] or ["The"]
+    errors, first_error, started = 0, None, time.monotonic()
+    for i in range(requests):
+        body = json.dumps({"model": deploy["served_model_name"], "prompt": prompts[i % len(prompts)],
+                           "max_tokens": 16, "temperature": 0.0, "seed": i}).encode()
+        req = urllib.request.Request(f"{deploy['endpoint']}/v1/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                json.load(resp)
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            errors += 1
+            first_error = first_error or f"{type(exc).__name__}: {exc}"
+    say(f"traffic: {requests} completions of held-out prompts in {time.monotonic() - started:.1f}s, "
+        f"{errors} errors{f' (first: {first_error})' if first_error else ''}; waiting for Prometheus to scrape them")
+    time.sleep(12)  # two scrape intervals (deploy/local/prometheus.yml)
+    return {"sent": requests, "errors": errors, "first_error": first_error}
+
+
 def monitor_once(api: Airflow) -> tuple[str, dict, str | None]:
     dag = dag_id("monitor")
     wait_idle(api, dag, 900)
@@ -435,7 +467,10 @@ def print_summary(s: dict) -> None:
         f"            prompt:     {dep.get('prompt')!r}",
         f"            completion: {dep.get('completion')!r}",
         f"lineage     {s['lineage']}",
-        f"monitoring  status {m.get('status')}; new data: {m.get('new_data')}; retrain: {m.get('retrain')}",
+        f"monitoring  status {m.get('status')}; new data: {m.get('new_data')}; retrain: {m.get('retrain')}; "
+        f"traffic {s.get('traffic', {}).get('sent', 0)} requests, {s.get('traffic', {}).get('errors', 0)} errors",
+        *[f"            SLO {k}: {v.get('value')} (limit {v.get('limit')}, ok {v.get('ok')})"
+          for k, v in (m.get("slos") or {}).items()],
         f"feedback    {f.get('message', '-')}",
         "",
         f"Airflow     {s['ui']['airflow']['url']}   user {s['ui']['airflow']['user']}  password {s['ui']['airflow']['password']}",
@@ -455,13 +490,15 @@ def print_summary(s: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--follow-retrain", action="store_true",
-                        help="also follow the retrain chain (data -> train -> evaluate -> deploy) to the end")
+    parser.add_argument("--follow-retrain", action=argparse.BooleanOptionalAction, default=True,
+                        help="follow the retrain chain (data -> train -> evaluate -> deploy) to the end and "
+                             "monitor the new champion (default); --no-follow-retrain leaves it running")
     args = parser.parse_args(argv)
 
     runs: dict[str, str] = {}
     monitor: dict = {}
     feedback: dict = {}
+    traffic: dict = {}
     error: str | None = None
     api = Airflow(AIRFLOW_URL, "admin", "")
     try:
@@ -486,7 +523,8 @@ def main(argv: list[str] | None = None) -> int:
             wait_idle(api, dag_id("data"))
             follow_chain(api, trigger(api, dag_id("data")), runs)
 
-        say("== 2. monitor the deployment")
+        say("== 2. traffic, then monitor the deployment")
+        traffic = send_traffic(api, runs)
         runs["monitor"], monitor, _ = monitor_once(api)
 
         say("== 3. feedback loop: new data arrives")
@@ -502,8 +540,11 @@ def main(argv: list[str] | None = None) -> int:
                 follow_chain(api, retrain_run, retrain_runs)
                 feedback["retrain_runs"] = {dag_id(s): r for s, r in retrain_runs.items()}
                 runs = retrain_runs | {"monitor": monitor_run}
+                say("== 4. the new champion under traffic: a quiet system requests nothing")
+                traffic = send_traffic(api, runs)
+                runs["monitor"], monitor, _ = monitor_once(api)
             else:
-                feedback["message"] += " (it runs on in the background; --follow-retrain to watch it)"
+                feedback["message"] += " (it runs on in the background; see the Airflow UI)"
         elif not newly_landed and not check.get("new_data"):
             feedback = {"monitor_run": monitor_run, "retrain_data_run": None,
                         "message": "batch-002 was ingested by an earlier demo run: no new data, request_retrain "
@@ -521,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
     summary: dict = {"ok": error is None, "error": error}
     try:
         if api.token:
-            summary |= build_summary(api, runs, monitor, feedback)
+            summary |= build_summary(api, runs, monitor, feedback) | {"traffic": traffic}
     except DemoFailed as exc:
         summary["summary_error"] = str(exc)
     LLMOPS_HOME.mkdir(parents=True, exist_ok=True)

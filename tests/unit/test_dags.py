@@ -19,7 +19,9 @@ STAGES = ["data", "train", "evaluate", "deploy", "monitor"]
 
 @pytest.fixture(scope="module")
 def dagbag():
-    from llmops_provider.compat import DagBag
+    from llmops_provider.compat import dagbag_class
+
+    DagBag = dagbag_class()
 
     return DagBag(dag_folder=str(DAGS))
 
@@ -67,7 +69,9 @@ def test_dag_files_import_nothing_heavy():
 
 
 def test_invalid_recipe_is_an_import_error_naming_file_field_and_fix(tmp_path, monkeypatch):
-    from llmops_provider.compat import DagBag
+    from llmops_provider.compat import dagbag_class
+
+    DagBag = dagbag_class()
 
     recipes = tmp_path / "recipes"
     recipes.mkdir()
