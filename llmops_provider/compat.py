@@ -15,9 +15,9 @@ except ImportError as exc:  # pragma: no cover - Airflow 2 is not supported
     raise ImportError("airflow-provider-llmops needs Apache Airflow >= 3.1") from exc
 
 try:
-    from airflow.sdk.exceptions import AirflowException, AirflowFailException  # noqa: F401
+    from airflow.sdk.exceptions import AirflowException, AirflowFailException, TaskDeferred  # noqa: F401
 except ImportError:  # pragma: no cover
-    from airflow.exceptions import AirflowException, AirflowFailException  # noqa: F401
+    from airflow.exceptions import AirflowException, AirflowFailException, TaskDeferred  # noqa: F401
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent  # noqa: F401
 

@@ -189,6 +189,9 @@ class MonitoringSpec(_Strict):
     slos: SLOs = SLOs()
     window: str = Field("5m", description="PromQL range window, e.g. 5m")
     new_data_retrain: bool = Field(True, description="new files in a data source schedule retraining")
+    retrain_on_slo_breach: bool = Field(
+        False, description="an SLO breach also requests retraining (it only helps when data or recipe changed)"
+    )
     prometheus_conn_id: str = "prometheus_default"
 
 

@@ -373,10 +373,13 @@ def send_traffic(api: Airflow, runs: dict[str, str], requests: int = 24) -> dict
     if not deploy or not commit:
         say("traffic: no deployment to send traffic to")
         return {"sent": 0, "errors": 0}
+    os.environ["AIRFLOW__LLMOPS__HOME"] = str(LLMOPS_HOME)  # the stack's dataset store
     sys.path.insert(0, str(ROOT))
     from llmops_provider.datasets import get_store  # the control-plane venv has the provider
 
     test_split = get_store().local_path(commit["dataset_repo"], commit["dataset_commit"]) / "test.jsonl"
+    if not test_split.is_file():
+        raise DemoFailed(f"held-out split {test_split} not found: is LLMOPS_HOME ({LLMOPS_HOME}) the stack's home?")
     docs = [json.loads(line)["text"] for line in test_split.read_text().splitlines() if line.strip()]
     prompts = [" ".join(d.split()[:6]) for d in docs][:requests] or ["The"]
     errors, first_error, started = 0, None, time.monotonic()
@@ -558,6 +561,11 @@ def main(argv: list[str] | None = None) -> int:
         error = str(exc)
     except KeyboardInterrupt:
         error = "interrupted"
+    except Exception as exc:  # noqa: BLE001 - still write the summary of what did run
+        import traceback
+
+        traceback.print_exc()
+        error = f"{type(exc).__name__}: {exc}"
 
     summary: dict = {"ok": error is None, "error": error}
     try:

@@ -29,6 +29,7 @@ as_root() {
 system_packages() {
     local missing=()
     command -v java >/dev/null 2>&1 || missing+=(openjdk-17-jre-headless)
+    command -v curl >/dev/null 2>&1 || missing+=(curl)  # stack.sh health checks
     for pkg in prometheus nginx-light; do
         dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
     done

@@ -19,14 +19,15 @@ class MonitorOperator(BaseOperator):
 
     :param recipe_path: path of the recipe YAML (templated)
     :param served_model_name: vLLM ``model_name`` label to watch; default the recipe name (templated)
-    :param retrain_on_slo_breach: also request retraining on an SLO breach (default: only new
-        data does - new weights rarely fix latency)
+    :param retrain_on_slo_breach: also request retraining on an SLO breach; default: the recipe's
+        ``monitoring.retrain_on_slo_breach`` (off by default: new weights rarely fix latency, and a
+        retrain on unchanged data and recipe reuses the same model version anyway)
     """
 
     template_fields: Sequence[str] = ("recipe_path", "served_model_name")
 
     def __init__(self, *, recipe_path: str, served_model_name: str | None = None,
-                 retrain_on_slo_breach: bool = False, **kwargs: Any) -> None:
+                 retrain_on_slo_breach: bool | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.recipe_path = recipe_path
         self.served_model_name = served_model_name
@@ -69,8 +70,12 @@ class MonitorOperator(BaseOperator):
             retrain = spec.new_data_retrain
             if not retrain:
                 reasons.append("monitoring.new_data_retrain is false: not retraining")
-        if result["status"] == "breach" and self.retrain_on_slo_breach:
-            retrain = True
+        on_breach = spec.retrain_on_slo_breach if self.retrain_on_slo_breach is None else self.retrain_on_slo_breach
+        if result["status"] == "breach":
+            if on_breach:
+                retrain = True
+            else:
+                reasons.append("SLO breach recorded; monitoring.retrain_on_slo_breach is false: not retraining")
         out = {"status": result["status"], "slos": result["slos"], "new_data": is_new, "retrain": retrain,
                "reasons": reasons, "model_name": model, "source_fingerprint": fingerprint}
         self.log.info("monitor %s: status=%s new_data=%s retrain=%s; %s", recipe.name, out["status"], is_new,

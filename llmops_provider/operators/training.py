@@ -141,10 +141,7 @@ class DeepSpeedTrainOperator(BaseOperator):
         """Run the pod; if it defers, resume in :meth:`execute_complete` with what's needed to rebuild it."""
         from llmops_provider.backends.kubernetes import build_operator
 
-        try:
-            from airflow.sdk.exceptions import TaskDeferred
-        except ImportError:  # pragma: no cover
-            from airflow.exceptions import TaskDeferred
+        from llmops_provider.compat import TaskDeferred
 
         self._pod_op = build_operator(spec, recipe.training.kubernetes, task_id=self.task_id,
                                       kubernetes_conn_id=self.kubernetes_conn_id, mlflow_secret=self.mlflow_secret,

@@ -74,7 +74,8 @@ def _versions(env, name: str) -> list:
 
 def test_demo_runs_the_whole_lifecycle_and_is_idempotent(stack):
     env, home = stack
-    _run([sys.executable, "deploy/local/demo.py", "--follow-retrain"], env, timeout=2400)
+    # exactly what `make demo` runs once the stack is up
+    _run(["bash", "-c", "source deploy/local/env.sh && python deploy/local/demo.py"], env, timeout=2400)
     summary = json.loads((home / "demo-summary.json").read_text())
     deploy = summary["deploy"]
     assert deploy["alias"] == "champion"
@@ -96,7 +97,7 @@ def test_demo_runs_the_whole_lifecycle_and_is_idempotent(stack):
     assert summary["data"]["created"] is True
 
     # same inputs again: no new dataset commit, no new model version, same champion
-    _run([sys.executable, "deploy/local/demo.py"], env, timeout=1800)
+    _run(["bash", "-c", "source deploy/local/env.sh && python deploy/local/demo.py"], env, timeout=1800)
     again = json.loads((home / "demo-summary.json").read_text())
     assert again["deploy"]["model_version"] == deploy["model_version"]
     assert again["deploy"]["dataset_commit"] == deploy["dataset_commit"]
