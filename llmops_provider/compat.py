@@ -9,13 +9,26 @@ from __future__ import annotations
 from airflow.providers.common.compat.sdk import BaseHook, BaseOperator  # noqa: F401
 
 try:  # Airflow >= 3.0 task SDK
-    from airflow.sdk import DAG, Asset, AssetWatcher, Context, Metadata, Param, Variable, task  # noqa: F401
+    from airflow.sdk import (  # noqa: F401
+        DAG,
+        Asset,
+        AssetWatcher,
+        Context,
+        Metadata,
+        Param,
+        Variable,
+        task,
+    )
     from airflow.sdk.bases.sensor import BaseSensorOperator  # noqa: F401
 except ImportError as exc:  # pragma: no cover - Airflow 2 is not supported
     raise ImportError("airflow-provider-llmops needs Apache Airflow >= 3.1") from exc
 
 try:
-    from airflow.sdk.exceptions import AirflowException, AirflowFailException, TaskDeferred  # noqa: F401
+    from airflow.sdk.exceptions import (  # noqa: F401
+        AirflowException,
+        AirflowFailException,
+        TaskDeferred,
+    )
 except ImportError:  # pragma: no cover
     from airflow.exceptions import AirflowException, AirflowFailException, TaskDeferred  # noqa: F401
 

@@ -19,7 +19,13 @@ import datetime as dt
 from pathlib import Path
 
 from llmops_provider import lineage
-from llmops_provider.compat import DAG, Asset, AssetOrTimeSchedule, CronTriggerTimetable, task
+from llmops_provider.compat import (
+    DAG,
+    Asset,
+    AssetOrTimeSchedule,
+    CronTriggerTimetable,
+    task,
+)
 from llmops_provider.recipes import Recipe, load_recipe
 
 DEFAULT_ARGS = {
@@ -46,7 +52,11 @@ def build_lifecycle_dags(recipe_path: str | Path) -> dict[str, DAG]:
     Raises ``RecipeError`` (file, field, fix) when the recipe is invalid.
     """
     # Imported here so an invalid recipe is reported before any operator module loads.
-    from llmops_provider.operators.data import CommitDatasetOperator, SparkPrepareDataOperator, ValidateDatasetOperator
+    from llmops_provider.operators.data import (
+        CommitDatasetOperator,
+        SparkPrepareDataOperator,
+        ValidateDatasetOperator,
+    )
     from llmops_provider.operators.deployment import VLLMDeployOperator
     from llmops_provider.operators.evaluation import LMEvalGateOperator
     from llmops_provider.operators.monitoring import MonitorOperator

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -39,6 +40,23 @@ def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) ->
     raise TimeoutError(f"{url} not healthy after {timeout}s")
 
 
+@contextlib.contextmanager
+def running(cmd: list[str], health_url: str, log_path: Path, timeout: float = 120):
+    """Run a real server process until the block ends; it must answer ``health_url`` first."""
+    log = open(log_path, "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_http(health_url, timeout, proc)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _llmops_env(tmp_path_factory):
     """Point [llmops] at a scratch home and the repo's runtime venv for the whole session."""
@@ -54,24 +72,12 @@ def mlflow_server(tmp_path_factory):
     """A real MLflow tracking server on SQLite with proxied artifacts; yields its URI."""
     work = tmp_path_factory.mktemp("mlflow")
     port = free_port()
-    log = open(work / "server.log", "w")
-    proc = subprocess.Popen(
-        [str(CONTROL_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{work}/mlflow.db", "--artifacts-destination", str(work / "artifacts"),
-         "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
+    cmd = [str(CONTROL_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+           "--backend-store-uri", f"sqlite:///{work}/mlflow.db", "--artifacts-destination", str(work / "artifacts"),
+           "--workers", "1"]
     uri = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(f"{uri}/health", 120, proc)
+    with running(cmd, f"{uri}/health", work / "server.log"):
         yield uri
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 @pytest.fixture

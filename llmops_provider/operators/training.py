@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from llmops_provider import __version__, config, lineage
+from llmops_provider.backends.local import LocalJobMixin
 from llmops_provider.compat import AirflowException, AirflowFailException, BaseOperator
 from llmops_provider.lineage import emit_outlet_extra, triggering_extra
 
@@ -25,7 +26,7 @@ def _safe(part: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", part)
 
 
-class DeepSpeedTrainOperator(BaseOperator):
+class DeepSpeedTrainOperator(LocalJobMixin, BaseOperator):
     """Train (or reuse) the recipe's model on one dataset commit; register it as ``challenger``.
 
     :param recipe_path: path of the recipe YAML (templated)
@@ -56,7 +57,6 @@ class DeepSpeedTrainOperator(BaseOperator):
         self.kubernetes_conn_id = kubernetes_conn_id
         self.mlflow_secret = mlflow_secret
         self.deferrable = deferrable
-        self._local = None
         self._pod_op = None
 
     # -- inputs ---------------------------------------------------------------------------
@@ -116,7 +116,6 @@ class DeepSpeedTrainOperator(BaseOperator):
         return self.complete(context, recipe, spec, result)
 
     def run_local(self, spec, spec_path: Path, recipe_conn_id: str) -> dict[str, Any]:
-        from llmops_provider.backends.local import JobFailed, LocalProcessBackend
         from llmops_provider.hooks.mlflow import MLflowHook
         from llmops_provider.runtime.train import free_port, launch_command
 
@@ -130,17 +129,13 @@ class DeepSpeedTrainOperator(BaseOperator):
         secrets = [v for k, v in env.items() if k.endswith(("PASSWORD", "TOKEN"))]
         cmd = launch_command(str(spec_path), spec.training.world_size, launcher=str(launcher), master_port=free_port())
         spec.result_file.unlink(missing_ok=True)  # a failed earlier try must not pass for this one
-        self._local = LocalProcessBackend(self.log)
-        try:
-            self._local.run(cmd, env=env, secrets=secrets)
-        except JobFailed as exc:
-            raise AirflowException(f"training job failed (exit {exc.returncode}); see the task log above") from exc
+        self.run_local_job(cmd, env, "training job failed; no model version was registered by this try.",
+                           secrets=secrets)
         return json.loads(spec.result_file.read_text())
 
     def run_pod(self, spec, recipe, context, start) -> dict[str, Any]:
         """Run the pod; if it defers, resume in :meth:`execute_complete` with what's needed to rebuild it."""
         from llmops_provider.backends.kubernetes import build_operator
-
         from llmops_provider.compat import TaskDeferred
 
         self._pod_op = build_operator(spec, recipe.training.kubernetes, task_id=self.task_id,
@@ -192,8 +187,7 @@ class DeepSpeedTrainOperator(BaseOperator):
         return {key: dumped[key] for key in RESULT_KEYS}
 
     def on_kill(self) -> None:
-        if self._local is not None:
-            self._local.on_kill()
+        LocalJobMixin.on_kill(self)
         if self._pod_op is not None:
             self._pod_op.on_kill()
 

@@ -27,10 +27,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-from llmops_provider.specs.serve import ServeSpec  # noqa: F401 - re-exported
-
 from llmops_provider import config
 from llmops_provider.backends.local import kill_process_group
+from llmops_provider.specs.serve import ServeSpec  # noqa: F401 - re-exported
 
 log = logging.getLogger("llmops.serve")
 

@@ -9,7 +9,11 @@ from typing import Any
 
 from llmops_provider.compat import AirflowException, BaseSensorOperator
 from llmops_provider.hooks.prometheus import PrometheusHook
-from llmops_provider.triggers.prometheus import PromQLConditionTrigger, check_op, condition_met
+from llmops_provider.triggers.prometheus import (
+    PromQLConditionTrigger,
+    check_op,
+    condition_met,
+)
 
 
 class PromQLSensor(BaseSensorOperator):

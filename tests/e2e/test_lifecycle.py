@@ -62,11 +62,14 @@ def stack(tmp_path):
         assert not [p for p in pids if _alive(p)], "stack.sh stop left processes running"
 
 
-def _versions(env, name: str) -> list:
+def _registry(env, name: str) -> dict:
+    """All versions of ``name`` and the one with alias ``champion``, from the stack's MLflow server."""
     code = (
-        "import json, sys; from mlflow import MlflowClient;"
+        "import json; from mlflow import MlflowClient;"
         f"c = MlflowClient('http://127.0.0.1:{PORTS['MLFLOW_PORT']}');"
-        f"print(json.dumps([dict(v=v.version, tags=v.tags, aliases=list(v.aliases)) for v in c.search_model_versions(\"name='{name}'\")]))"
+        f"vs = c.search_model_versions(\"name='{name}'\");"
+        f"ch = c.get_model_version_by_alias('{name}', 'champion');"
+        "print(json.dumps(dict(versions=sorted(v.version for v in vs), champion=dict(v=ch.version, tags=ch.tags))))"
     )
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -82,11 +85,13 @@ def test_demo_runs_the_whole_lifecycle_and_is_idempotent(stack):
     assert deploy["endpoint"].startswith("http://127.0.0.1:")
     assert deploy["completion"].strip(), "the served champion returned no text"
 
-    versions = _versions(env, deploy["model_name"])
-    champion = [v for v in versions if "champion" in v["aliases"]]
-    assert len(champion) == 1 and champion[0]["v"] == str(deploy["model_version"])
-    # lineage: the champion's dataset commit is the one the data stage committed
-    assert champion[0]["tags"]["dataset_commit"] == deploy["dataset_commit"]
+    registry = _registry(env, deploy["model_name"])
+    champion = registry["champion"]
+    assert champion["v"] == str(deploy["model_version"])
+    # lineage: the champion was trained on the dataset commit the (retrain) data run made
+    assert champion["tags"]["dataset_commit"] == deploy["dataset_commit"] == summary["data"]["dataset_commit"]
+    assert champion["tags"]["mlflow_run_id"] == summary["train"]["mlflow_run_id"]
+    assert len(registry["versions"]) == 2  # the first champion, then the retrained one
     assert (home / "datasets").exists()
     # the demo's seeded traffic reached the champion and Prometheus saw it through vLLM's own series
     assert summary["traffic"]["sent"] > 0 and summary["traffic"]["errors"] == 0
@@ -101,4 +106,4 @@ def test_demo_runs_the_whole_lifecycle_and_is_idempotent(stack):
     again = json.loads((home / "demo-summary.json").read_text())
     assert again["deploy"]["model_version"] == deploy["model_version"]
     assert again["deploy"]["dataset_commit"] == deploy["dataset_commit"]
-    assert len(_versions(env, deploy["model_name"])) == len(versions)
+    assert _registry(env, deploy["model_name"]) == registry

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
 import textwrap
 import threading
 import time
@@ -18,7 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import free_port, wait_http, which  # tests/conftest.py (rootdir on sys.path)
+from conftest import running, free_port, which  # tests/conftest.py (rootdir on sys.path)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -109,23 +108,11 @@ def prometheus(tmp_path_factory, exporter):
             static_configs: [{{targets: ["127.0.0.1:{exporter}"]}}]
     """))
     port = free_port()
-    log = open(work / "prometheus.log", "w")
-    proc = subprocess.Popen(
-        [binary, f"--config.file={work / 'prometheus.yml'}", f"--storage.tsdb.path={work / 'data'}",
-         f"--web.listen-address=127.0.0.1:{port}", "--storage.tsdb.retention.time=1h"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
+    cmd = [binary, f"--config.file={work / 'prometheus.yml'}", f"--storage.tsdb.path={work / 'data'}",
+           f"--web.listen-address=127.0.0.1:{port}", "--storage.tsdb.retention.time=1h"]
     url = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(f"{url}/-/ready", 60, proc)
+    with running(cmd, f"{url}/-/ready", work / "prometheus.log", timeout=60):
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 @pytest.fixture
