@@ -19,7 +19,9 @@ setup:  ## system packages + both venvs (fast no-op when up to date)
 start: setup  ## start the local stack (Airflow, MLflow, Prometheus) on 127.0.0.1
 	deploy/local/stack.sh start
 
-demo: start  ## the lifecycle of recipe tiny-llama end to end (DEMO_ARGS=--follow-retrain)
+demo: setup  ## the lifecycle of recipe tiny-llama end to end (DEMO_ARGS=--no-follow-retrain to leave the retrain running)
+	$(ENV) && $(PY) deploy/local/demo.py --land-only  # before the scheduler's first data run can start
+	deploy/local/stack.sh start
 	$(ENV) && $(PY) deploy/local/demo.py $(DEMO_ARGS)
 
 stop:  ## stop everything the stack and the deploy stage started

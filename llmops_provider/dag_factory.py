@@ -182,8 +182,15 @@ def build_lifecycle_dags(recipe_path: str | Path) -> dict[str, DAG]:
         check = MonitorOperator(task_id="check", recipe_path=recipe_path)
 
         @task.short_circuit(task_id="needs_retrain")
-        def needs_retrain(result: dict) -> bool:
-            return bool(result and result.get("retrain"))
+        def needs_retrain(result: dict, **context) -> bool:
+            if not (result and result.get("retrain")):
+                return False
+            # one incident, one run: a data run already queued or running takes the request; what it
+            # did not read is still "new" at the next check (the processed fingerprint differs)
+            in_flight = context["ti"].get_dr_count(dag_id=f"{name}_data", states=["queued", "running"])
+            if in_flight:
+                print(f"{in_flight} {name}_data run(s) already queued or running: not requesting another")
+            return not in_flight
 
         @task(task_id="request_retrain", outlets=[assets["retrain"]])
         def request_retrain(result: dict, **context) -> dict:

@@ -60,8 +60,13 @@ def source_fingerprint(paths: Iterable[str | Path]) -> str:
 
     Renaming, adding, removing or editing a file changes it; touching one does not.
     """
+    return fingerprint_files(source_files(paths))
+
+
+def fingerprint_files(files: Iterable[tuple[str, Path]]) -> str:
+    """The fingerprint of an explicit ``source_files`` listing (what a data run actually read)."""
     digest = hashlib.sha256()
-    for name, path in source_files(paths):
+    for name, path in files:
         content = hashlib.sha256()
         with path.open("rb") as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):

@@ -496,7 +496,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--follow-retrain", action=argparse.BooleanOptionalAction, default=True,
                         help="follow the retrain chain (data -> train -> evaluate -> deploy) to the end and "
                              "monitor the new champion (default); --no-follow-retrain leaves it running")
+    parser.add_argument("--land-only", action="store_true",
+                        help="only land the first sample batch (make demo does this before starting the stack, "
+                             "so the data DAG's first scheduled run finds it)")
     args = parser.parse_args(argv)
+    if args.land_only:
+        land("batch-001.jsonl")
+        return 0
 
     runs: dict[str, str] = {}
     monitor: dict = {}

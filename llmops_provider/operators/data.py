@@ -135,6 +135,26 @@ class SparkPrepareDataOperator(BaseOperator):
         home = config.home()
         return [expand(src.path, home) for src in data.sources]
 
+    def _resolve_inputs(self, sources: list[str]) -> tuple[list[str], str | None]:
+        """Local sources -> the exact ``*.jsonl`` files to read, and their fingerprint.
+
+        Spark gets the file list, not the directories, so the fingerprint recorded with the commit
+        (the monitor's "new data" check) is of exactly what this run read, even when files land
+        while it runs. Remote URIs (``s3a://``) pass through unfingerprinted.
+        """
+        from llmops_provider.monitoring import fingerprint_files, source_files
+
+        local = [p for p in sources if "://" not in p]
+        remote = [p for p in sources if "://" in p]
+        files = source_files(local)
+        if local and not files and not remote:
+            raise AirflowFailException(
+                f"no *.jsonl files in the data sources {local}: land raw data there first "
+                "(recipe field data.sources), or fix the path"
+            )
+        fingerprint = fingerprint_files(files) if local and not remote else None
+        return [str(path) for _, path in files] + remote, fingerprint
+
     def _spark_binary(self, conn) -> str | None:
         """The control plane's own spark-submit (pyspark's), unless the connection names one."""
         if conn is not None and conn.extra_dejson.get("spark-binary"):
@@ -172,7 +192,7 @@ class SparkPrepareDataOperator(BaseOperator):
                 f"next to the llmops_provider package ({PACKAGE_PARENT})"
             )
         staging = Path(self.staging_dir) if self.staging_dir else default_staging_dir(recipe.name, _run_id(context))
-        inputs = self._inputs(data)
+        inputs, fingerprint = self._resolve_inputs(self._inputs(data))
         conn_id = self.conn_id or data.spark_conn_id
 
         conn = _find_connection(conn_id)
@@ -196,10 +216,6 @@ class SparkPrepareDataOperator(BaseOperator):
             env_vars=self._job_env(master),
             spark_binary=self._spark_binary(conn),
         )
-        from llmops_provider.monitoring import source_fingerprint
-
-        # fingerprint before Spark reads: a file landing mid-run only causes one extra refresh later
-        fingerprint = source_fingerprint(inputs)
         self.log.info("Preparing %s from %s into %s", recipe.name, inputs, staging)
         self._hook.submit(str(application))
         (staging / SOURCE_FILE).write_text(json.dumps({"source_fingerprint": fingerprint, "inputs": inputs}))

@@ -54,6 +54,8 @@ def stack(tmp_path):
     env["LLMOPS_HOME"] = str(home)
     env["VLLM_PORT"] = str(VLLM_PORT)
     try:
+        # the same steps as `make demo`: land the first batch, start the stack, run the demo
+        _run(["bash", "-c", "source deploy/local/env.sh && python deploy/local/demo.py --land-only"], env, timeout=60)
         _run(["bash", "deploy/local/stack.sh", "start"], env, timeout=600)
         yield env, home
     finally:
@@ -77,7 +79,6 @@ def _registry(env, name: str) -> dict:
 
 def test_demo_runs_the_whole_lifecycle_and_is_idempotent(stack):
     env, home = stack
-    # exactly what `make demo` runs once the stack is up
     _run(["bash", "-c", "source deploy/local/env.sh && python deploy/local/demo.py"], env, timeout=2400)
     summary = json.loads((home / "demo-summary.json").read_text())
     deploy = summary["deploy"]
