@@ -62,8 +62,8 @@ def get_provider_info() -> dict:
                         "default": "~/llmops",
                     },
                     "compute_backend": {
-                        "description": "Where training/eval jobs run: `local` (subprocess) or "
-                        "`kubernetes` (a pod).",
+                        "description": "Where training jobs run: `local` (subprocess), `kubernetes` "
+                        "(one pod) or `kubeflow` (a multi-node Kubeflow Trainer TrainJob).",
                         "version_added": "0.1.0",
                         "type": "string",
                         "example": "kubernetes",

@@ -115,6 +115,7 @@ class KubernetesSpec(_Strict):
     service_account: str | None = None
     checkpoint_pvc: str | None = Field(None, description="PVC mounted at /checkpoints for resume across pod restarts")
     shm_size: str = "2Gi"
+    num_nodes: int = Field(1, ge=1, description="nodes of a multi-node Kubeflow TrainJob (backend: kubeflow)")
 
 
 class TrainingSpec(_Strict):
@@ -132,7 +133,8 @@ class TrainingSpec(_Strict):
     zero_stage: int = Field(0, ge=0, le=3)
     world_size: int = Field(2, ge=1, description="ranks: CPU processes (gloo) locally, GPUs on Kubernetes")
     checkpoint_every: int = Field(25, ge=1)
-    backend: Literal["local", "kubernetes"] | None = Field(None, description="default: [llmops] compute_backend")
+    backend: Literal["local", "kubernetes", "kubeflow"] | None = Field(
+        None, description="default: [llmops] compute_backend; kubeflow = a multi-node Kubeflow TrainJob")
     kubernetes: KubernetesSpec = KubernetesSpec()
 
     @model_validator(mode="after")

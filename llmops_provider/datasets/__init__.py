@@ -36,10 +36,19 @@ def get_store(name: str | None = None) -> DatasetStore:
 
         return LocalDatasetStore(config.home() / "datasets")
     if name == "lakefs":
-        raise DatasetStoreNotAvailable(
-            "lakeFS backend arrives with the data-stage issue; set [llmops] dataset_store = local "
-            "(AIRFLOW__LLMOPS__DATASET_STORE=local)"
-        )
+        from llmops_provider.datasets.lakefs import LakeFSDatasetStore
+
+        try:
+            return LakeFSDatasetStore.from_hook("lakefs_default")
+        except Exception as exc:
+            # airflow.exceptions and airflow.sdk.exceptions each define one; match both by name
+            if not any(cls.__name__ == "AirflowNotFoundException" for cls in type(exc).__mro__):
+                raise
+            raise DatasetStoreNotAvailable(
+                "[llmops] dataset_store = lakefs needs the Airflow connection 'lakefs_default' (type llmops_lakefs); "
+                "define it (AIRFLOW_CONN_LAKEFS_DEFAULT) or set [llmops] dataset_store = local "
+                "(AIRFLOW__LLMOPS__DATASET_STORE=local)"
+            ) from None
     raise DatasetStoreError(
         f"unknown [llmops] dataset_store {name!r}; use one of {', '.join(BACKENDS)} "
         "(AIRFLOW__LLMOPS__DATASET_STORE)"

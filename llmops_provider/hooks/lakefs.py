@@ -109,6 +109,7 @@ class LakeFSHook(BaseHook):
 
             conn = self.get_connection(self.lakefs_conn_id)
             configuration = lakefs_sdk.Configuration(host=self.endpoint(), username=conn.login, password=conn.password)
+            configuration.retries = False  # urllib3's own retries would multiply every timeout
             self._client = lakefs_sdk.ApiClient(configuration)
         return self._client
 

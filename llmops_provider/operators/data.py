@@ -487,8 +487,15 @@ class CommitDatasetOperator(BaseOperator):
             "stats": stats,
             "validation": None if validation is None else {"success": validation["success"], "failed": validation["failed"]},
         }
+        from llmops_provider.datasets.base import DatasetStoreError
+
         store = get_store()
-        info = store.commit(data.dataset_repo, data.branch, staging, metadata)
+        try:
+            info = store.commit(data.dataset_repo, data.branch, staging, metadata)
+        except DatasetStoreError as exc:
+            if type(exc).__name__ == "DatasetGateFailed":  # a pre-merge hook said no: a gate, not a glitch
+                raise AirflowFailException(f"dataset not published: {exc}") from exc
+            raise
         if source.get("source_fingerprint"):
             self._record_processed_sources(recipe.name, source["source_fingerprint"])
         if info.created:

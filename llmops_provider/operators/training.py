@@ -32,12 +32,14 @@ class DeepSpeedTrainOperator(LocalJobMixin, BaseOperator):
     :param recipe_path: path of the recipe YAML (templated)
     :param dataset_commit: dataset commit to train on (templated); empty: the triggering
         dataset asset event's ``dataset_commit``, else the head of the recipe's dataset branch
-    :param backend: ``local`` or ``kubernetes``; default the recipe's ``training.backend``,
-        else ``[llmops] compute_backend``
+    :param backend: ``local``, ``kubernetes`` (one pod) or ``kubeflow`` (a multi-node Kubeflow
+        TrainJob); default the recipe's ``training.backend``, else ``[llmops] compute_backend``
     :param mlflow_conn_id: MLflow connection; default the recipe's ``mlflow_conn_id``
     :param kubernetes_conn_id: Kubernetes connection for the pod backend
     :param mlflow_secret: Kubernetes Secret the pod reads MLflow settings/credentials from
     :param deferrable: on Kubernetes, wait for the pod in the triggerer (no worker slot)
+    :param trainjob_cleanup: on Kubeflow, delete the TrainJob ``always``, ``on_success`` or ``never``
+    :param trainjob_poll_interval_s: on Kubeflow, seconds between TrainJob status reads
 
     Returns ``{mlflow_run_id, model_name, model_version, dataset_commit, reused, final_loss}``
     and puts the lineage ids into the event extra of the recipe's ``model`` asset outlet.
@@ -48,7 +50,8 @@ class DeepSpeedTrainOperator(LocalJobMixin, BaseOperator):
 
     def __init__(self, *, recipe_path: str, dataset_commit: str | None = None, backend: str | None = None,
                  mlflow_conn_id: str | None = None, kubernetes_conn_id: str = "kubernetes_default",
-                 mlflow_secret: str = "llmops-mlflow", deferrable: bool = True, **kwargs: Any) -> None:
+                 mlflow_secret: str = "llmops-mlflow", deferrable: bool = True, trainjob_cleanup: str = "on_success",
+                 trainjob_poll_interval_s: float = 30.0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.recipe_path = recipe_path
         self.dataset_commit = dataset_commit
@@ -57,7 +60,10 @@ class DeepSpeedTrainOperator(LocalJobMixin, BaseOperator):
         self.kubernetes_conn_id = kubernetes_conn_id
         self.mlflow_secret = mlflow_secret
         self.deferrable = deferrable
+        self.trainjob_cleanup = trainjob_cleanup
+        self.trainjob_poll_interval_s = trainjob_poll_interval_s
         self._pod_op = None
+        self._trainjob = None  # (backend, name) while a TrainJob runs, for on_kill
 
     # -- inputs ---------------------------------------------------------------------------
 
@@ -111,8 +117,11 @@ class DeepSpeedTrainOperator(LocalJobMixin, BaseOperator):
             result = self.run_local(spec, spec_path, recipe.mlflow_conn_id)
         elif backend == "kubernetes":
             result = self.run_pod(spec, recipe, context, lambda op: op.execute(context))
+        elif backend == "kubeflow":
+            result = self.run_trainjob(spec, recipe, context)
         else:
-            raise AirflowFailException(f"backend={backend!r} is not a compute backend; use 'local' or 'kubernetes'")
+            raise AirflowFailException(
+                f"backend={backend!r} is not a compute backend; use 'local', 'kubernetes' or 'kubeflow'")
         return self.complete(context, recipe, spec, result)
 
     def run_local(self, spec, spec_path: Path, recipe_conn_id: str) -> dict[str, Any]:
@@ -163,6 +172,70 @@ class DeepSpeedTrainOperator(LocalJobMixin, BaseOperator):
         result = self.run_pod(spec, recipe, context, lambda op: getattr(op, pod_method)(context, event=event, **kwargs))
         return self.complete(context, recipe, spec, result)
 
+    def _trainjob_backend(self, namespace: str):
+        from llmops_provider.backends import trainjob
+
+        api, core = trainjob.kube_clients(self.kubernetes_conn_id)
+        return trainjob.TrainJobBackend(api, namespace, core=core, cleanup=self.trainjob_cleanup, log=self.log)
+
+    def run_trainjob(self, spec, recipe, context) -> dict[str, Any]:
+        """Submit (or re-attach to) the Kubeflow TrainJob; wait here or defer to :class:`TrainJobTrigger`."""
+        import time
+
+        from llmops_provider.backends import trainjob
+        from llmops_provider.compat import TaskDeferred
+
+        k8s = recipe.training.kubernetes
+        namespace = k8s.namespace or config.get("kubernetes_namespace")
+        name = trainjob.trainjob_name(spec.recipe, context)
+        try:
+            obj = trainjob.build_trainjob(spec, k8s, name=name, namespace=namespace,
+                                          labels=trainjob.identity_labels(context), mlflow_secret=self.mlflow_secret)
+        except ValueError as exc:
+            raise AirflowFailException(str(exc)) from None
+        backend = self._trainjob_backend(namespace)
+        backend.submit(obj)
+        self._trainjob = (backend, name)
+        timeout = trainjob.DEFAULT_TIMEOUT_S
+        if self.execution_timeout:  # fire a little before Airflow's own timeout, so cleanup still runs
+            limit = self.execution_timeout.total_seconds()
+            timeout = max(limit / 2, limit - min(300.0, limit * 0.05))
+        if self.deferrable:
+            from llmops_provider.triggers.trainjob import TrainJobTrigger
+
+            self._trainjob = None  # the worker lets go; execute_trainjob_complete cleans up
+            raise TaskDeferred(
+                trigger=TrainJobTrigger(name=name, namespace=namespace, deadline=time.time() + timeout,
+                                        kubernetes_conn_id=self.kubernetes_conn_id,
+                                        poll_interval_s=self.trainjob_poll_interval_s),
+                method_name="execute_trainjob_complete",
+                kwargs={"train_spec": spec.model_dump_json(), "name": name, "namespace": namespace},
+            )
+        phase, message = backend.wait(name, timeout_s=timeout, poll_interval_s=self.trainjob_poll_interval_s)
+        return self._conclude_trainjob(backend, name, phase, message)
+
+    def _conclude_trainjob(self, backend, name: str, phase: str, message: str) -> dict[str, Any]:
+        from llmops_provider.backends.trainjob import TrainJobFailed
+
+        try:
+            return backend.conclude(name, phase, message)
+        except TrainJobFailed as exc:
+            raise AirflowException(str(exc)) from None
+        finally:
+            self._trainjob = None
+
+    def execute_trainjob_complete(self, context, event=None, *, train_spec: str, name: str, namespace: str):
+        """Resume after :class:`TrainJobTrigger` fired: read the result from the launcher log, clean up, publish."""
+        from llmops_provider.recipes import load_recipe
+        from llmops_provider.specs.train import TrainJobSpec
+
+        recipe = load_recipe(self.recipe_path)
+        spec = TrainJobSpec.model_validate_json(train_spec)
+        event = event or {}
+        result = self._conclude_trainjob(self._trainjob_backend(namespace), name, event.get("phase", "Unknown"),
+                                         event.get("message", f"no trigger event: {event!r}"))
+        return self.complete(context, recipe, spec, result)
+
     def complete(self, context, recipe, spec, result: dict[str, Any]) -> dict[str, Any]:
         from llmops_provider.specs.train import TrainResult
 
@@ -190,6 +263,9 @@ class DeepSpeedTrainOperator(LocalJobMixin, BaseOperator):
         LocalJobMixin.on_kill(self)
         if self._pod_op is not None:
             self._pod_op.on_kill()
+        if self._trainjob is not None:  # a killed task stops its job, whatever the cleanup policy
+            backend, name = self._trainjob
+            backend.delete(name, force=True)
 
 
 def trained_version(recipe_path: str, dataset_commit: str, mlflow_conn_id: str | None = None) -> str | None:
