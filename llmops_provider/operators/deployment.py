@@ -14,8 +14,8 @@ from typing import Any
 from llmops_provider import config, lineage
 from llmops_provider.backends.local import LocalJobMixin
 from llmops_provider.compat import AirflowException, AirflowFailException, BaseOperator
-from llmops_provider.lineage import emit_outlet_extra, triggering_extra
-from llmops_provider.operators.evaluation import version_from
+from llmops_provider.lineage import emit_outlet_extra
+from llmops_provider.operators.evaluation import version_from_param_or_event
 
 CHAMPION_ALIAS = "champion"
 PASSED = "passed"  # == specs.evaluate.VERDICT_PASSED (kept literal: that module imports pydantic models)
@@ -43,13 +43,9 @@ class VLLMDeployOperator(LocalJobMixin, BaseOperator):
         self.smoke_max_tokens = smoke_max_tokens
 
     def resolve_version(self, context, client, recipe) -> tuple[str, str]:
-        explicit = version_from(self.model_version, "model_version")
-        if explicit:
-            return explicit, "parameter"
-        extra = triggering_extra(context, lineage.asset_uri(recipe.name, "approved"))
-        from_event = version_from(extra.get(lineage.MODEL_VERSION), "approved asset event extra model_version")
-        if from_event:
-            return from_event, "triggering asset event"
+        found = version_from_param_or_event(self.model_version, context, lineage.asset_uri(recipe.name, "approved"))
+        if found:
+            return found
         versions = client.search_model_versions(f"name='{recipe.model_name}'")
         passed = [mv for mv in versions if (mv.tags or {}).get(lineage.EVAL_VERDICT) == PASSED]
         if not passed:

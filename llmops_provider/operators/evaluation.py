@@ -27,6 +27,19 @@ class EvalGateFailed(AirflowFailException):
 
 # --- asset-event helpers (shared with the deployment operator) --------------------------------
 
+def version_from_param_or_event(value: Any, context: Mapping[str, Any], uri: str) -> tuple[str, str] | None:
+    """(version, how): the operator's ``model_version`` parameter, else the triggering event of ``uri``.
+
+    None when neither names one: each operator then applies its own fallback (alias, newest passed).
+    """
+    explicit = version_from(value, "model_version")
+    if explicit:
+        return explicit, "parameter"
+    extra = triggering_extra(context, uri)
+    from_event = version_from(extra.get(lineage.MODEL_VERSION), f"{uri} asset event extra model_version")
+    return (from_event, "triggering asset event") if from_event else None
+
+
 def version_from(value: Any, field: str) -> str | None:
     if value is None or str(value).strip() in ("", "None"):
         return None
@@ -59,13 +72,9 @@ class LMEvalGateOperator(LocalJobMixin, BaseOperator):
 
     def resolve_version(self, context: Mapping[str, Any], client, recipe) -> tuple[str, str]:
         """(version, how it was chosen)."""
-        explicit = version_from(self.model_version, "model_version")
-        if explicit:
-            return explicit, "parameter"
-        extra = triggering_extra(context, lineage.asset_uri(recipe.name, "model"))
-        from_event = version_from(extra.get(lineage.MODEL_VERSION), "model asset event extra model_version")
-        if from_event:
-            return from_event, "triggering asset event"
+        found = version_from_param_or_event(self.model_version, context, lineage.asset_uri(recipe.name, "model"))
+        if found:
+            return found
         try:
             mv = client.get_model_version_by_alias(recipe.model_name, CHALLENGER_ALIAS)
         except Exception as exc:  # noqa: BLE001 - the registry says "not found" many ways
