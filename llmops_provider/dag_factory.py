@@ -41,6 +41,63 @@ def assets_for(recipe: Recipe) -> dict[str, Asset]:
     }
 
 
+def watch_asset(recipe: Recipe) -> Asset:
+    """The asset that schedules the monitor DAG, with one AssetWatcher per SLO and one for feedback.
+
+    Without ``monitoring.watchers.enabled`` it has no watchers (nothing polls; the cron runs the monitor).
+    """
+    from llmops_provider import config, monitoring
+    from llmops_provider.compat import AssetWatcher
+    from llmops_provider.recipes import expand
+
+    spec = recipe.monitoring
+    watchers = []
+    if spec.watchers.enabled:
+        from llmops_provider.triggers.watchers import FeedbackWatchTrigger, PromQLWatchTrigger
+
+        w = spec.watchers
+        for cond in monitoring.watch_conditions(recipe.name, spec.slos, spec.window):
+            trigger = PromQLWatchTrigger(
+                name=cond["name"], query=cond["query"], op=cond["op"], threshold=cond["threshold"],
+                hold_for_s=w.hold_for_s, poll_interval_s=w.poll_interval_s, rearm_after_s=w.rearm_after_s,
+                prometheus_conn_id=spec.prometheus_conn_id, recipe=recipe.name,
+            )
+            watchers.append(AssetWatcher(name=f"{recipe.name}-{cond['name']}", trigger=trigger))
+        landing = expand(recipe.data.sources[0].path, config.home())
+        feedback_path = expand(spec.feedback.path, config.home()).replace("{recipe}", recipe.name)
+        watchers.append(AssetWatcher(name=f"{recipe.name}-feedback", trigger=FeedbackWatchTrigger(
+            path=feedback_path, landed_path=landing, min_records=spec.feedback.min_curated_records,
+            poll_interval_s=max(w.poll_interval_s, 60.0), recipe=recipe.name,
+        )))
+    return Asset(uri=lineage.watch_uri(recipe.name), name=f"{recipe.name}.watch", group="llmops", watchers=watchers)
+
+
+def _evaluate_tasks(recipe: Recipe, recipe_path: str, approved: Asset) -> None:
+    """The gate; with ``evaluation.human_approval.required``: gate >> approval (HITL) >> promote."""
+    from llmops_provider.operators.evaluation import LMEvalGateOperator, PromoteApprovedModelOperator
+
+    ev = recipe.evaluation
+    timeout = dt.timedelta(minutes=ev.timeout_minutes + 10)  # the job's own timeout fires first
+    if not ev.human_approval.required:
+        LMEvalGateOperator(task_id="evaluate", recipe_path=recipe_path, outlets=[approved], execution_timeout=timeout)
+        return
+    from airflow.providers.standard.operators.hitl import ApprovalOperator
+
+    gate = LMEvalGateOperator(task_id="evaluate", recipe_path=recipe_path, promote=False, execution_timeout=timeout)
+    hours = ev.human_approval.timeout_hours
+    approve = ApprovalOperator(
+        task_id="approve",
+        subject=f"Promote {recipe.model_name} v{{{{ ti.xcom_pull(task_ids='evaluate')['model_version'] }}}} "
+        f"to `{ev.approved_alias}`?",
+        body="{{ ti.xcom_pull(task_ids='evaluate', key='approval_body') }}",
+        response_timeout=dt.timedelta(hours=hours) if hours else None,
+        **({"assigned_users": [{"id": u, "name": u} for u in ev.human_approval.assigned_users]}
+           if ev.human_approval.assigned_users else {}),
+    )
+    promote = PromoteApprovedModelOperator(task_id="promote", recipe_path=recipe_path, outlets=[approved])
+    gate >> approve >> promote
+
+
 def _cron(expr: str) -> CronTriggerTimetable:
     # run_immediately=False: unpausing a DAG must not start a run by itself
     return CronTriggerTimetable(expr, timezone="UTC")
@@ -58,7 +115,6 @@ def build_lifecycle_dags(recipe_path: str | Path) -> dict[str, DAG]:
         ValidateDatasetOperator,
     )
     from llmops_provider.operators.deployment import VLLMDeployOperator
-    from llmops_provider.operators.evaluation import LMEvalGateOperator
     from llmops_provider.operators.monitoring import MonitorOperator
     from llmops_provider.operators.training import DeepSpeedTrainOperator
 
@@ -151,28 +207,31 @@ def build_lifecycle_dags(recipe_path: str | Path) -> dict[str, DAG]:
     with DAG(
         f"{name}_evaluate",
         schedule=[assets["model"]],
-        description=f"{name}: lm-eval on the held-out split, gated on the recipe's thresholds",
-        doc_md="Publishes the full report, then passes (emits the approved asset) or fails closed.",
+        description=f"{name}: lm-eval tasks, safety suite and champion comparison, gated by the recipe's policy",
+        doc_md="Publishes the full report (MLflow eval run, `eval/report.html`), then passes (alias "
+        f"`{recipe.evaluation.approved_alias}`, the approved asset) or fails closed."
+        + (" A person approves in the Airflow UI before promotion." if recipe.evaluation.human_approval.required else ""),
         **{**common, "default_args": {**common["default_args"], "retries": 0}},
     ) as eval_dag:
-        LMEvalGateOperator(
-            task_id="evaluate",
-            recipe_path=recipe_path,
-            outlets=[assets["approved"]],
-            execution_timeout=dt.timedelta(hours=2),
-        )
+        _evaluate_tasks(recipe, recipe_path, assets["approved"])
     dags[eval_dag.dag_id] = eval_dag
 
     with DAG(
         f"{name}_deploy",
         schedule=[assets["approved"]],
-        description=f"{name}: serve the approved model with vLLM, smoke-test it, make it champion",
+        description=f"{name}: serve the approved model with vLLM behind the router; replace, canary or A/B "
+        "rollout (analysis on vLLM's series, automatic rollback); champion",
+        doc_md="Rollout strategy, steps and bounds: `deployment.rollout` of the recipe; see docs/deployment.md.",
         **common,
     ) as deploy_dag:
         VLLMDeployOperator(task_id="deploy", recipe_path=recipe_path, outlets=[assets["deployment"]])
     dags[deploy_dag.dag_id] = deploy_dag
 
     monitor_schedule = _cron(recipe.schedule.monitor) if recipe.schedule.monitor else None
+    if recipe.monitoring.watchers.enabled:  # a watcher event runs the monitor at once, between cron ticks
+        watch = watch_asset(recipe)
+        monitor_schedule = (AssetOrTimeSchedule(timetable=monitor_schedule, assets=watch) if monitor_schedule
+                            else [watch])
     with DAG(
         f"{name}_monitor",
         schedule=monitor_schedule,
@@ -183,14 +242,28 @@ def build_lifecycle_dags(recipe_path: str | Path) -> dict[str, DAG]:
 
         @task.short_circuit(task_id="needs_retrain")
         def needs_retrain(result: dict, **context) -> bool:
-            if not (result and result.get("retrain")):
+            import json
+            import time
+
+            from llmops_provider import feedback
+            from llmops_provider.compat import Variable
+
+            if not result:
                 return False
             # one incident, one run: a data run already queued or running takes the request; what it
             # did not read is still "new" at the next check (the processed fingerprint differs)
-            in_flight = context["ti"].get_dr_count(dag_id=f"{name}_data", states=["queued", "running"])
-            if in_flight:
-                print(f"{in_flight} {name}_data run(s) already queued or running: not requesting another")
-            return not in_flight
+            if result.get("retrain"):
+                in_flight = context["ti"].get_dr_count(dag_id=f"{name}_data", states=["queued", "running"])
+                if in_flight:
+                    print(f"{in_flight} {name}_data run(s) already queued or running: not requesting another")
+                    return False
+            # and a persisting incident (or a second one within the cool-down) asks only once
+            key = feedback.retrain_gate_variable(name)
+            state = json.loads(Variable.get(key, default=None) or "{}")
+            allow, state, why = feedback.gate_monitor_result(result, state, time.time())
+            Variable.set(key, json.dumps(state))
+            print(f"retrain gate: {why}")
+            return allow
 
         @task(task_id="request_retrain", outlets=[assets["retrain"]])
         def request_retrain(result: dict, **context) -> dict:
@@ -203,5 +276,13 @@ def build_lifecycle_dags(recipe_path: str | Path) -> dict[str, DAG]:
 
         result = check.output
         needs_retrain(result) >> request_retrain(result)
+        if recipe.monitoring.probe.enabled:
+            from llmops_provider.operators.monitoring import ProbeEvalOperator
+
+            ProbeEvalOperator(task_id="probe", recipe_path=recipe_path)
+        if recipe.monitoring.cost.enabled:
+            from llmops_provider.operators.monitoring import CostReportOperator
+
+            CostReportOperator(task_id="cost", recipe_path=recipe_path)
     dags[monitor_dag.dag_id] = monitor_dag
     return dags

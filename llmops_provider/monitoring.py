@@ -24,6 +24,9 @@ SLO_CHECKS: dict[str, tuple[str, str]] = {
     "e2e_latency_p95_seconds": ("e2e_latency_p95_seconds", "max"),
     "error_rate": ("error_rate", "max"),
     "min_generation_tokens_per_s": ("generation_tokens_per_s", "min"),
+    "max_queue_length": ("queue_length", "max"),
+    "max_kv_cache_usage": ("kv_cache_usage", "max"),
+    "max_gpu_utilization": ("gpu_utilization", "max"),
 }
 
 # vLLM finishes every request with one of stop, length, abort, error, repetition
@@ -95,7 +98,35 @@ def vllm_queries(model_name: str, window: str) -> dict[str, str]:
         # `or vector(0)`: no failure series yet means no failures, not "unknown"
         "error_rate": f"({failed} or vector(0)) / {finished}",
         "generation_tokens_per_s": f"sum(rate(vllm:generation_tokens_total{{{sel}}}[{window}]))",
+        "queue_length": f"max(max_over_time(vllm:num_requests_waiting{{{sel}}}[{window}]))",
+        "kv_cache_usage": f"max(max_over_time(vllm:kv_cache_usage_perc{{{sel}}}[{window}]))",
+        # DCGM's exporter labels by GPU, not by model: the mean over every GPU it reports
+        "gpu_utilization": f"avg(avg_over_time(DCGM_FI_DEV_GPU_UTIL[{window}]))",
     }
+
+
+def watch_conditions(model_name: str, slos: SLOs, window: str) -> list[dict[str, Any]]:
+    """One PromQL condition per SLO that is set: ``{name, query, op, threshold}``, true while breached.
+
+    Silence never fires: an idle model's quantiles are NaN (no sample), and a lower bound
+    (throughput) only has a sample while the model had requests in the window.
+    """
+    queries = vllm_queries(model_name, window)
+    out = []
+    for field, (key, direction) in SLO_CHECKS.items():
+        limit = getattr(slos, field)
+        if limit is None:
+            continue
+        query = queries[key]
+        if direction == "min":
+            query = f"({query}) and on() ({queries['requests']} > 0)"
+        out.append({
+            "name": field,
+            "query": query,
+            "op": ">" if direction == "max" else "<",
+            "threshold": float(limit),
+        })
+    return out
 
 
 def _number(value: Any) -> float | None:

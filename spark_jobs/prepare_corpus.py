@@ -1,99 +1,48 @@
-"""Prepare a text corpus for training: parse, quarantine, normalize, deduplicate, split.
+"""Prepare a text corpus for training: parse, filter, deduplicate, split, tokenize and pack.
 
     spark-submit spark_jobs/prepare_corpus.py --input DIR_OR_FILE [--input ...] \
         --output STAGING_DIR --recipe RECIPE.yaml
-    python spark_jobs/prepare_corpus.py ... [--master local[2]]
+    python -m spark_jobs.prepare_corpus ... [--master local[2]]
 
-Reads JSONL as plain text so that no line is lost to a lenient JSON reader: every input
-line ends up kept, quarantined with a reason, counted as a removed duplicate, or counted
-as blank, and the job checks that these add up. Output is the dataset-version layout of
-docs/architecture.md, written to a temporary sibling directory and renamed into place:
+Reads JSONL lines as raw bytes so that no line is lost to a lenient reader: every input
+line ends up kept in a split, quarantined (malformed, with a reason), excluded by a step
+(with the step and the reason) or counted as blank; per step, in = out + dropped, and the
+job refuses to publish when the files disagree with the counts. Steps (docs/data.md):
+parse -> normalize -> length -> language -> pii -> quality filters -> blocklist ->
+exact dedup -> MinHash near dedup -> ids -> split -> tokenize + pack. Output is the
+dataset-version layout, written to a temporary sibling directory and renamed into place:
 
     train.jsonl validation.jsonl test.jsonl   {"id", "text"} per line, sorted by id
     quarantine.jsonl                          {"line", "reason", "source"}
-    stats.json                                counts (deterministic: same input, same bytes)
+    excluded.jsonl                            {"id", "step", "reason", "detail", "source", "text"}
+    stats.json                                per-step counts (deterministic: same input, same bytes)
+    data_card.json data_card.md length_histogram.png
+    tokenizer/ packed/                        the llmops-packed-v1 layout (tokenizer.pack)
     _job.json                                 this run's provenance (spark_app_id, master, timing)
 
 Run-specific values live in ``_job.json`` rather than ``stats.json``: a leading underscore
 marks a file as not part of the dataset (the Hadoop convention the dataset store follows),
 so re-running on the same input produces an identical dataset tree and no new commit.
 
-Needs ``llmops_provider`` importable (the operator puts the repo on PYTHONPATH); imports
-nothing from the provider but the pure-pydantic recipe module.
+Needs ``llmops_provider`` importable for the recipe model (pure pydantic); the executors
+need only ``spark_jobs`` (shipped with ``addPyFile`` on a cluster).
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
-import re
 import shutil
 import sys
+import tempfile
 import time
-import unicodedata
 import uuid
+import zipfile
 from pathlib import Path
 
-QUARANTINE_REASONS = (
-    "invalid_json",  # the line does not parse as JSON
-    "not_an_object",  # valid JSON, but not a {...} record
-    "missing_text",  # no text field, or it is null
-    "text_not_string",  # the text field is a number, list, ...
-    "bad_id",  # the id field is a list/object/bool
-    "text_too_short",  # normalized text shorter than data.min_chars
-    "text_too_long",  # normalized text longer than data.max_chars
-    "duplicate_id",  # another kept document with different text has this id
-)
 SPLITS = ("train", "validation", "test")
-
-# Cc controls except \t and \n; \r is folded into \n before this runs.
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
-_INLINE_WS = re.compile(r"[^\S\n]+")
-_BLANK_RUNS = re.compile(r"\n{3,}")
-
-
-def normalize(text: str) -> str:
-    """NFC, no control characters, whitespace collapsed within lines, at most one blank line."""
-    text = unicodedata.normalize("NFC", text).replace("\r\n", "\n").replace("\r", "\n")
-    text = _CONTROL.sub("", text)
-    text = "\n".join(_INLINE_WS.sub(" ", line).strip() for line in text.split("\n"))
-    return _BLANK_RUNS.sub("\n\n", text).strip()
-
-
-def content_hash(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def parse_line(line: str, text_field: str, id_field: str | None, min_chars: int, max_chars: int):
-    """One raw line -> (id, text, hash, reason); ``reason`` is None when the record is kept.
-
-    A missing id is derived from the content hash, so records without ids still get a
-    stable identity.
-    """
-    try:
-        record = json.loads(line)
-    except ValueError:
-        return None, None, None, "invalid_json"
-    if not isinstance(record, dict):
-        return None, None, None, "not_an_object"
-    text = record.get(text_field)
-    if text is None:
-        return None, None, None, "missing_text"
-    if not isinstance(text, str):
-        return None, None, None, "text_not_string"
-    raw_id = record.get(id_field) if id_field else None
-    if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int, float, type(None))):
-        return None, None, None, "bad_id"
-    text = normalize(text)
-    if len(text) < min_chars:
-        return None, None, None, "text_too_short"
-    if len(text) > max_chars:
-        return None, None, None, "text_too_long"
-    digest = content_hash(text)
-    doc_id = str(raw_id) if raw_id is not None and str(raw_id).strip() else f"doc-{digest[:16]}"
-    return doc_id, text, digest, None
+REPO = Path(__file__).resolve().parents[1]
 
 
 def resolve_inputs(paths: list[str]) -> list[str]:
@@ -128,7 +77,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 def _spark_session(master: str | None, app_name: str):
     from pyspark.sql import SparkSession
 
-    builder = SparkSession.builder.appName(app_name)
+    builder = SparkSession.builder.appName(app_name).config("spark.ui.showConsoleProgress", "false")
     if master:
         builder = builder.master(master)
     elif "PYSPARK_GATEWAY_PORT" not in os.environ:  # plain `python`, not spark-submit
@@ -141,114 +90,390 @@ def _spark_session(master: str | None, app_name: str):
     return spark
 
 
-def prepare(spark, inputs: list[str], data, output_tmp: Path) -> dict:
-    """Run the pipeline on ``inputs`` and write the dataset files into ``output_tmp``.
+# --------------------------------------------------------------------------- per-document pass
 
-    Every line gets exactly one status (blank, quarantined, duplicate, kept); one
-    aggregation counts them and one sorted pass streams the files to the driver.
-    """
-    from pyspark.sql import Window
-    from pyspark.sql import functions as F
+DOC_FIELDS = ("status", "step", "reason", "detail", "line", "source", "id", "text", "hash")
+QUARANTINE_LINE_CHARS = 10_000  # an oversized line is kept in the quarantine as its head
+
+
+def _doc_schema():
     from pyspark.sql import types as T
 
-    text_field, id_field = data.text_field, data.id_field
-    min_chars, max_chars = data.min_chars, data.max_chars
-    result_type = T.StructType([T.StructField(n, T.StringType()) for n in ("id", "text", "hash", "reason")])
+    fields = [T.StructField(n, T.StringType()) for n in DOC_FIELDS]
+    fields += [
+        T.StructField("modified", T.ArrayType(T.StringType())),
+        T.StructField("bands", T.ArrayType(T.LongType())),
+    ]
+    return T.StructType(fields)
 
-    # closes over plain values and this file's functions only: executors need nothing from the repo
-    @F.udf(returnType=result_type, useArrow=False)
-    def parse(line):
-        return parse_line(line, text_field, id_field, min_chars, max_chars)
 
-    lines = spark.read.text(inputs).select(F.col("value").alias("line"), F.col("_metadata.file_path").alias("source"))
-    input_lines = lines.count()  # counted before any processing: the accounting check below relies on it
+def document_pass(batches, data, doc_steps, hasher):
+    """Arrow batches of (raw line bytes, source) -> one row per line with its outcome.
 
-    blank = F.trim(F.col("line")) == ""
-    parsed = (
-        lines.filter(~blank)
-        .withColumn("p", parse(F.col("line")))
-        .select("line", "source", "p.id", "p.text", "p.hash", "p.reason")
-        .cache()  # the UDF runs once per line, not once per branch below
+    Runs on the executors: parse, the document steps, then MinHash band keys of the
+    surviving documents of the batch in one vectorized call.
+    """
+    import pyarrow as pa
+
+    from spark_jobs import minhash
+    from spark_jobs.steps import assign_id, content_hash, parse_line, run_steps
+
+    for batch in batches:
+        raws = batch.column(0).to_pylist()
+        sources = batch.column(1).to_pylist()
+        cols: dict[str, list] = {n: [] for n in (*DOC_FIELDS, "modified", "bands")}
+        kept_docs: list[tuple[int, object]] = []
+        for raw, source in zip(raws, sources, strict=True):
+            row = dict.fromkeys(DOC_FIELDS)
+            row["source"], row["modified"], row["bands"] = source, None, None
+            if not raw.strip():
+                row["status"] = "blank"
+            else:
+                doc, reason = parse_line(raw, source, data.text_field, data.id_field, data.max_record_bytes)
+                if doc is None:
+                    line = raw[:QUARANTINE_LINE_CHARS].decode("utf-8", errors="replace")
+                    row.update(status="quarantined", step="parse", reason=reason, line=line)
+                else:
+                    dropped = run_steps(doc, doc_steps)
+                    assign_id(doc)
+                    row.update(id=doc.id, text=doc.text, modified=doc.modified or None)
+                    if dropped is not None:
+                        row.update(status="excluded", step=dropped[0], reason=dropped[1], detail=dropped[2])
+                    else:
+                        row.update(status="ok", hash=content_hash(doc.text))
+                        kept_docs.append((len(cols["status"]), doc))
+            for name in cols:
+                cols[name].append(row[name])
+        if hasher is not None and kept_docs:
+            sets = [minhash.shingles(d.text, data.near_dedup.shingle_size, d.words()[0]) for _, d in kept_docs]
+            keys = hasher.band_keys(hasher.signatures(sets))
+            for (i, _), k in zip(kept_docs, keys, strict=True):
+                cols["bands"][i] = k.tolist()
+        yield pa.RecordBatch.from_pydict(cols, schema=_arrow_schema())
+
+
+def _arrow_schema():
+    import pyarrow as pa
+
+    return pa.schema(
+        [pa.field(n, pa.string()) for n in DOC_FIELDS]
+        + [pa.field("modified", pa.list_(pa.string())), pa.field("bands", pa.list_(pa.int64()))]
     )
-    rejected = parsed.filter(F.col("reason").isNotNull()).withColumn("status", F.lit("quarantined"))
-    docs = parsed.filter(F.col("reason").isNull())
 
-    if data.dedup == "exact":
-        # keep the copy with the smallest id; source/line break ties so reruns agree
-        by_hash = Window.partitionBy("hash").orderBy("id", "source", "line")
-        docs = docs.withColumn("status", F.when(F.row_number().over(by_hash) > 1, "duplicate"))
-    else:
-        docs = docs.withColumn("status", F.lit(None).cast("string"))
-    # an id naming two different texts would make the splits ambiguous: keep one, quarantine the rest
-    unique = docs.filter(F.col("status").isNull())
-    by_id = Window.partitionBy("id").orderBy("hash", "source", "line")
-    unique = unique.withColumn("_rn", F.row_number().over(by_id))
-    unique = unique.withColumn("reason", F.when(F.col("_rn") > 1, "duplicate_id")).withColumn(
-        "status", F.when(F.col("_rn") > 1, "quarantined").otherwise("kept")
-    ).drop("_rn")
+
+def _verify_pairs(batches, shingle_size: int, threshold: float):
+    """Arrow batches of candidate pairs with both texts -> the pairs at or above ``threshold``."""
+    import pyarrow as pa
+
+    from spark_jobs import minhash
+
+    for batch in batches:
+        a, b = batch.column(0).to_pylist(), batch.column(1).to_pylist()
+        ta, tb = batch.column(2).to_pylist(), batch.column(3).to_pylist()
+        out_a, out_b, out_j = [], [], []
+        for x, y, sx, sy in zip(a, b, ta, tb, strict=True):
+            j = minhash.jaccard(minhash.shingles(sx, shingle_size), minhash.shingles(sy, shingle_size))
+            if j >= threshold:
+                out_a.append(x)
+                out_b.append(y)
+                out_j.append(j)
+        yield pa.RecordBatch.from_pydict(
+            {"a": out_a, "b": out_b, "jaccard": out_j},
+            schema=pa.schema([("a", pa.int64()), ("b", pa.int64()), ("jaccard", pa.float64())]),
+        )
+
+
+def near_duplicates(spark, ok, spec, log) -> tuple[list[tuple[int, int, str]], dict]:
+    """MinHash LSH over ``ok`` (rid, id, source, hash, text, bands): ``[(rid, kept rid, detail)]`` and cluster stats.
+
+    ``rid`` here is a key derived from the content hash (unique after exact dedup), so
+    bucket order, candidate pairs and the kept document do not depend on how Spark
+    partitioned the input. Only (band, key, rid) rows are shuffled to find candidates;
+    texts move only for the candidate pairs, which are verified with exact Jaccard
+    before anything is removed.
+    """
+    from pyspark.sql import functions as F
+
+    from spark_jobs import minhash
+
+    buckets = (
+        ok.select("rid", F.posexplode("bands").alias("band", "key"))
+        .groupBy("band", "key")
+        .agg(F.collect_list("rid").alias("members"))
+        .filter(F.size("members") > 1)
+    )
+    max_pairs = spec.max_bucket_pairs
+    pairs = (
+        buckets.select("members")
+        .rdd.flatMap(lambda row: minhash.candidate_pairs(row[0], max_pairs))
+        .toDF("a long, b long")
+        .distinct()
+    )
+    texts = ok.select("rid", "text")
+    joined = (
+        pairs.join(texts.withColumnRenamed("rid", "a").withColumnRenamed("text", "ta"), "a")
+        .join(texts.withColumnRenamed("rid", "b").withColumnRenamed("text", "tb"), "b")
+        .select("a", "b", "ta", "tb")
+    )
+    size, threshold = spec.shingle_size, spec.threshold
+    edges = joined.mapInArrow(lambda it: _verify_pairs(it, size, threshold), "a long, b long, jaccard double").collect()
+    log(f"near_dedup: {len(edges)} verified pairs at jaccard >= {threshold}")
+    if not edges:
+        return [], {"clusters": 0, "documents_in_clusters": 0, "largest_cluster": 0, "verified_pairs": 0}
+    involved = sorted({e["a"] for e in edges} | {e["b"] for e in edges})
+    names = {
+        r["rid"]: (r["id"], r["source"] or "", r["hash"])
+        for r in ok.filter(F.col("rid").isin(involved)).select("rid", "id", "source", "hash").collect()
+    }
+    removed = minhash.clusters(((e["a"], e["b"]) for e in edges), names)
+    sizes: dict[int, int] = {}
+    for keep in removed.values():
+        sizes[keep] = sizes.get(keep, 1) + 1
+    out = [
+        (rid, keep, f"near-duplicate of {names[keep][0]} (cluster of {sizes[keep]})") for rid, keep in removed.items()
+    ]
+    histogram: dict[str, int] = {}
+    for n in sizes.values():
+        histogram[str(n)] = histogram.get(str(n), 0) + 1
+    return out, {
+        "clusters": len(sizes),
+        "documents_in_clusters": sum(sizes.values()),
+        "largest_cluster": max(sizes.values()),
+        "cluster_sizes": dict(sorted(histogram.items(), key=lambda kv: int(kv[0]))),
+        "verified_pairs": len(edges),
+    }
+
+
+def prepare(
+    spark, inputs: list[str], data, output_tmp: Path, doc_steps: list, log=print, tokenizer=None, seq_len: int = 0
+) -> tuple[dict, dict | None]:
+    """Run the pipeline on ``inputs`` and write the dataset files into ``output_tmp``.
+
+    Every line gets exactly one outcome: blank, quarantined (malformed, step ``parse``),
+    excluded (dropped by a step, with the reason) or kept in a split. The stats count
+    each step's input, output and drops by reason; the job checks that they add up and
+    that the files hold exactly what the stats say.
+    """
+    from pyspark import StorageLevel
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    from spark_jobs import minhash
+    from spark_jobs.steps import step_names
+    from spark_jobs.tokenization import pack_version
+
+    names = step_names(doc_steps, data)
+    nd = data.near_dedup
+    hasher = minhash.MinHasher(nd.num_perm, nd.bands, nd.rows, nd.seed) if nd.enabled else None
+
+    # the raw bytes of each line (a cast keeps them as read), so invalid UTF-8 is seen, not replaced
+    lines = spark.read.text(inputs).select(
+        F.col("value").cast("binary").alias("raw"), F.col("_metadata.file_path").alias("source")
+    )
+    docs = lines.mapInArrow(lambda batches: document_pass(batches, data, doc_steps, hasher), _doc_schema()).withColumn(
+        "rid", F.monotonically_increasing_id()
+    )
+    docs = docs.persist(StorageLevel.MEMORY_AND_DISK)
+    input_lines = docs.count()
+    log(f"document steps done: {input_lines} lines")
+
+    ok = docs.filter(F.col("status") == "ok")
+    removals = []  # small frames of (rid, step, reason, detail): only ids travel, never texts
+    if data.dedup == "exact" or nd.enabled:
+        # keep the copy with the smallest id; source/rid break ties so reruns agree. Without the
+        # exact step, identical texts (Jaccard 1) are near-duplicates and removed as such.
+        step, reason = ("exact_dedup", "exact_duplicate") if data.dedup == "exact" else ("near_dedup", "near_duplicate")
+        by_hash = Window.partitionBy("hash").orderBy("id", "source", "rid")
+        exact = (
+            ok.select("rid", "hash", "id", "source")
+            .withColumn("_rn", F.row_number().over(by_hash))
+            .withColumn("_first", F.first("id").over(by_hash))
+            .filter(F.col("_rn") > 1)
+            .select(
+                "rid",
+                F.lit(step).alias("step"),
+                F.lit(reason).alias("reason"),
+                F.concat(F.lit("duplicate of "), F.col("_first")).alias("detail"),
+            )
+        ).persist(StorageLevel.MEMORY_AND_DISK)
+        removals.append(exact)
+        ok = ok.join(exact.select("rid"), "rid", "left_anti")
+    clusters = None
+    if nd.enabled:
+        ok = ok.withColumn("nkey", F.conv(F.substring("hash", 1, 15), 16, 10).cast("long"))
+        candidates = ok.select(F.col("nkey").alias("rid"), "id", "source", "hash", "text", "bands")
+        near, clusters = near_duplicates(spark, candidates, nd, log)
+        if near:
+            near_df = spark.createDataFrame(
+                [(nkey, "near_dedup", "near_duplicate", detail) for nkey, _, detail in near],
+                "nkey long, step string, reason string, detail string",
+            )
+            near_df = ok.select("rid", "nkey").join(F.broadcast(near_df), "nkey").drop("nkey")
+            removals.append(near_df)
+            ok = ok.join(near_df.select("rid"), "rid", "left_anti")
+    # an id naming two different texts would make the splits ambiguous: keep one, exclude the rest
+    by_id = Window.partitionBy("id").orderBy("hash", "source", "rid")
+    removals.append(
+        ok.select("rid", "id", "hash", "source")
+        .withColumn("_rn", F.row_number().over(by_id))
+        .filter(F.col("_rn") > 1)
+        .select(
+            "rid",
+            F.lit("ids").alias("step"),
+            F.lit("duplicate_id").alias("reason"),
+            F.lit("another document with different text has this id").alias("detail"),
+        )
+    )
+    removed = removals[0]
+    for frame in removals[1:]:
+        removed = removed.unionByName(frame)
+    removed = (
+        removed.withColumnRenamed("step", "r_step")
+        .withColumnRenamed("reason", "r_reason")
+        .withColumnRenamed("detail", "r_detail")
+    )
 
     # the split depends on the content alone: a document never moves between splits across runs
     train_cut = data.splits["train"]
     validation_cut = train_cut + data.splits["validation"]
     bucket = F.conv(F.substring("hash", 1, 8), 16, 10).cast("double") / float(16**8)
     split = F.when(bucket < train_cut, "train").when(bucket < validation_cut, "validation").otherwise("test")
+    is_removed = F.col("r_step").isNotNull()
     outcome = (
-        rejected.unionByName(docs.filter(F.col("status") == "duplicate"))
-        .unionByName(unique)
-        .withColumn("file", F.when(F.col("status") == "kept", split).when(F.col("status") == "quarantined", "quarantine"))
-        .cache()
+        docs.join(removed, "rid", "left")
+        .withColumn("status", F.when(is_removed, "excluded").otherwise(F.col("status")))
+        .withColumn("step", F.when(is_removed, F.col("r_step")).otherwise(F.col("step")))
+        .withColumn("reason", F.when(is_removed, F.col("r_reason")).otherwise(F.col("reason")))
+        .withColumn("detail", F.when(is_removed, F.col("r_detail")).otherwise(F.col("detail")))
+        .withColumn(
+            "file",
+            F.when(F.col("status") == "ok", split)
+            .when(F.col("status") == "quarantined", "quarantine")
+            .when(F.col("status") == "excluded", "excluded"),
+        )
+        .drop("r_step", "r_reason", "r_detail", "bands")
+        .persist(StorageLevel.MEMORY_AND_DISK)
     )
 
-    counts = outcome.groupBy("status", "reason", "file").agg(
-        F.count("*").alias("n"), F.sum(F.length("text")).alias("chars")
-    ).collect()
-    per_split = {s: {"docs": 0, "chars": 0} for s in SPLITS}
-    by_reason: dict[str, int] = {}
-    duplicates_removed = 0
-    for row in counts:
-        if row["status"] == "kept":
-            per_split[row["file"]] = {"docs": int(row["n"]), "chars": int(row["chars"] or 0)}
-        elif row["status"] == "quarantined":
-            by_reason[row["reason"]] = by_reason.get(row["reason"], 0) + int(row["n"])
-        else:
-            duplicates_removed += int(row["n"])
-    kept = sum(s["docs"] for s in per_split.values())
-    quarantined = sum(by_reason.values())
-    blank_lines = input_lines - sum(int(row["n"]) for row in counts)
+    counts = (
+        outcome.groupBy("status", "step", "reason", "file")
+        .agg(F.count("*").alias("n"), F.sum(F.length("text")).alias("chars"))
+        .collect()
+    )
+    modified = dict(outcome.select(F.explode("modified").alias("step")).groupBy("step").count().collect())
+    stats = _stats(counts, modified, names, input_lines)
+    if clusters is not None:
+        stats["near_dedup"] = {
+            **clusters,
+            "threshold": nd.threshold,
+            "num_perm": nd.num_perm,
+            "bands": nd.bands,
+            "rows": nd.rows,
+            "shingle_size": nd.shingle_size,
+        }
 
-    # one sorted pass: documents by id within each split, quarantine by source, reason, line
-    key = F.when(F.col("status") == "kept", F.col("id")).otherwise(F.col("source"))
-    rows = outcome.filter(F.col("file").isNotNull()).orderBy("file", key, "reason", "line")
-    handles = {name: (output_tmp / f"{name}.jsonl").open("w", encoding="utf-8", newline="\n") for name in (*SPLITS, "quarantine")}
-    written = 0
+    # one sorted pass: documents by id within each split, exclusions by step order and id,
+    # quarantine by source, reason and line
+    order = F.create_map(*[x for i, n in enumerate(names) for x in (F.lit(n), F.lit(i))])
+    key1 = F.when(F.col("file") == "excluded", order[F.col("step")]).otherwise(F.lit(0))
+    key2 = F.when(F.col("file") == "quarantine", F.col("source")).otherwise(F.col("id"))
+    rows = outcome.filter(F.col("file").isNotNull()).orderBy("file", key1, key2, "reason", "source", "line", "hash")
+    files = (*SPLITS, "quarantine", "excluded")
+    handles = {n: (output_tmp / f"{n}.jsonl").open("w", encoding="utf-8", newline="\n") for n in files}
+    written = dict.fromkeys(files, 0)
     try:
-        for r in rows.select("file", "id", "text", "line", "reason", "source").toLocalIterator(prefetchPartitions=True):
-            rec = {"id": r["id"], "text": r["text"]} if r["file"] != "quarantine" else {"line": r["line"], "reason": r["reason"], "source": r["source"]}
+        cols = ("file", "id", "text", "line", "step", "reason", "detail", "source")
+        for r in rows.select(*cols).toLocalIterator(prefetchPartitions=True):
+            if r["file"] == "quarantine":
+                rec = {"line": r["line"], "reason": r["reason"], "source": r["source"]}
+            elif r["file"] == "excluded":
+                rec = {
+                    "id": r["id"],
+                    "step": r["step"],
+                    "reason": r["reason"],
+                    "detail": r["detail"],
+                    "source": r["source"],
+                    "text": r["text"],
+                }
+            else:
+                rec = {"id": r["id"], "text": r["text"]}
             handles[r["file"]].write(json.dumps(rec, ensure_ascii=False) + "\n")
-            written += 1
+            written[r["file"]] += 1
     finally:
         for fh in handles.values():
             fh.close()
+    _check_accounting(stats, written)
+    packed = None
+    if tokenizer is not None and tokenizer.pack:
+        kept = outcome.filter(F.col("status") == "ok").withColumnRenamed("file", "split")
+        packed = pack_version(spark, kept, output_tmp, tokenizer, seq_len, log)
+        stats["tokens"] = {s: {k: v[k] for k in ("documents", "document_tokens", "blocks", "tokens", "dropped_tail_tokens")}
+                           for s, v in packed["splits"].items()}  # fmt: skip
     outcome.unpersist()
-    parsed.unpersist()
+    docs.unpersist()
+    return stats, packed
 
-    blank_check = lines.filter(blank).count()
-    if blank_lines != blank_check or written != kept + quarantined:
-        raise RuntimeError(
-            f"line accounting is off: {input_lines} input lines, {blank_check} blank, {quarantined} quarantined, "
-            f"{duplicates_removed} duplicates, {kept} kept, {written} written; refusing to publish a dataset that lost records"
+
+def _stats(counts, modified: dict, names: list[str], input_lines: int) -> dict:
+    """Per-step in/out/dropped-by-reason from the outcome counts (steps chain: out of one = in of the next)."""
+    per_split = {s: {"docs": 0, "chars": 0} for s in SPLITS}
+    dropped: dict[str, dict[str, int]] = {n: {} for n in names}
+    blank = 0
+    for row in counts:
+        if row["status"] == "blank":
+            blank += int(row["n"])
+        elif row["status"] == "ok":
+            per_split[row["file"]] = {"docs": int(row["n"]), "chars": int(row["chars"] or 0)}
+        else:
+            step_drops = dropped.setdefault(row["step"], {})
+            step_drops[row["reason"]] = step_drops.get(row["reason"], 0) + int(row["n"])
+    steps, flowing = [], input_lines - blank
+    for name in names:
+        out = flowing - sum(dropped[name].values())
+        steps.append(
+            {
+                "step": name,
+                "in": flowing,
+                "out": out,
+                "dropped": dict(sorted(dropped[name].items())),
+                "modified": int(modified.get(name, 0)),
+            }
         )
+        flowing = out
+    kept = sum(s["docs"] for s in per_split.values())
+    quarantined_by_reason = dropped["parse"]
+    excluded_by_step = {n: sum(d.values()) for n, d in dropped.items() if n != "parse" and d}
     return {
-        "input_files": inputs,
         "input_lines": input_lines,
-        "blank_lines": blank_lines,
+        "blank_lines": blank,
         "kept": kept,
-        "quarantined": quarantined,
-        "quarantined_by_reason": dict(sorted(by_reason.items())),
-        "duplicates_removed": duplicates_removed,
-        "dedup": data.dedup,
+        "quarantined": sum(quarantined_by_reason.values()),
+        "quarantined_by_reason": dict(sorted(quarantined_by_reason.items())),
+        "excluded": sum(excluded_by_step.values()),
+        "excluded_by_step": excluded_by_step,
+        "duplicates_removed": sum(dropped.get("exact_dedup", {}).values())
+        + sum(dropped.get("near_dedup", {}).values()),
+        "steps": steps,
         "splits": per_split,
     }
+
+
+def _check_accounting(stats: dict, written: dict) -> None:
+    """input = blank + quarantined + excluded + kept, per step and in the files; else refuse to publish."""
+    problems = []
+    if stats["steps"][-1]["out"] != stats["kept"]:
+        problems.append(f"last step keeps {stats['steps'][-1]['out']} but the splits hold {stats['kept']}")
+    total = stats["blank_lines"] + stats["quarantined"] + stats["excluded"] + stats["kept"]
+    if total != stats["input_lines"]:
+        problems.append(f"{stats['input_lines']} input lines but {total} outcomes")
+    if written["quarantine"] != stats["quarantined"] or written["excluded"] != stats["excluded"]:
+        problems.append(f"wrote {written} for {stats['quarantined']} quarantined, {stats['excluded']} excluded")
+    if sum(written[s] for s in SPLITS) != stats["kept"]:
+        problems.append(f"wrote {written} for {stats['kept']} kept")
+    if problems:
+        raise RuntimeError(
+            f"record accounting is off: {'; '.join(problems)}; refusing to publish a dataset that lost records"
+        )
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:
@@ -262,15 +487,30 @@ def _replace_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _ship_modules(spark, scratch: Path) -> None:
+    """Send the ``spark_jobs`` package to the executors of a cluster (they have no checkout of this repo).
+
+    Local masters share this machine's ``PYTHONPATH`` and need nothing.
+    """
+    if spark.sparkContext.master.startswith("local"):
+        return
+    archive = scratch / "spark_jobs.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for path in sorted(Path(__file__).resolve().parent.glob("*.py")):
+            zf.write(path, f"spark_jobs/{path.name}")
+    spark.sparkContext.addPyFile(str(archive))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
-    try:
-        from llmops_provider.recipes import load_recipe  # pure pydantic
-    except ImportError:  # run from a checkout without PYTHONPATH: the package sits next to spark_jobs/
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        from llmops_provider.recipes import load_recipe
+    if str(REPO) not in sys.path:  # `spark-submit spark_jobs/prepare_corpus.py` from a checkout
+        sys.path.insert(0, str(REPO))
+    from llmops_provider.recipes import load_recipe  # pure pydantic
+    from spark_jobs.data_card import write_data_card
+    from spark_jobs.steps import build_steps
 
     recipe = load_recipe(args.recipe)
+    doc_steps = build_steps(recipe.data, os.environ.get("LLMOPS_HOME"))  # reads the blocklist file here, once
     inputs = resolve_inputs(args.input)
     output = Path(args.output).expanduser().resolve()
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -280,9 +520,15 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     spark = _spark_session(args.master, f"llmops-prepare-{recipe.name}")
     spark.sparkContext.setLogLevel("WARN")
+    scratch = Path(tempfile.mkdtemp(prefix="llmops-prepare-"))
+    _ship_modules(spark, scratch)
     try:
-        stats = prepare(spark, inputs, recipe.data, tmp)
-        stats = {"recipe": recipe.name, "recipe_fingerprint": recipe.fingerprint(), **stats}
+        log = lambda m: print(f"prepare_corpus: {m}", flush=True)  # noqa: E731
+        stats, packed = prepare(
+            spark, inputs, recipe.data, tmp, doc_steps, log, tokenizer=recipe.tokenizer, seq_len=recipe.training.seq_len
+        )
+        stats = {"recipe": recipe.name, "recipe_fingerprint": recipe.fingerprint(), "input_files": inputs, **stats}
+        write_data_card(tmp, stats, packed)
         job = {
             "spark_app_id": spark.sparkContext.applicationId,
             "master": spark.sparkContext.master,
@@ -298,10 +544,11 @@ def main(argv: list[str] | None = None) -> int:
         raise
     finally:
         spark.stop()
+        shutil.rmtree(scratch, ignore_errors=True)
 
     print(
         f"prepare_corpus: {stats['input_lines']} lines -> {stats['kept']} kept, {stats['quarantined']} quarantined "
-        f"{stats['quarantined_by_reason']}, {stats['duplicates_removed']} duplicates removed; "
+        f"{stats['quarantined_by_reason']}, {stats['excluded']} excluded {stats['excluded_by_step']}; "
         f"splits {json.dumps(stats['splits'])}; app {job['spark_app_id']}; output {output}",
         flush=True,
     )

@@ -17,6 +17,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 RUNTIME_PYTHON = ROOT / ".venv-runtime" / "bin" / "python"
 CONTROL_BIN = Path(sys.executable).parent
+if str(ROOT) not in sys.path:  # spark_jobs/ (the Spark application) is a top-level package of the checkout
+    sys.path.insert(0, str(ROOT))
 
 
 def free_port() -> int:
@@ -57,6 +59,28 @@ def running(cmd: list[str], health_url: str, log_path: Path, timeout: float = 12
         log.close()
 
 
+@contextlib.contextmanager
+def prometheus_server(work: Path, targets: list[str], rule_files: list[Path] | None = None):
+    """A real Prometheus (Debian's binary) scraping ``targets`` every second; yields its URL."""
+    import json as _json
+
+    binary = which("prometheus")
+    if not binary:
+        pytest.fail("prometheus binary not installed: run `make setup` (apt-get install prometheus)")
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "scrape_configs": [{"job_name": "vllm", "static_configs": [{"targets": targets}]}],
+        "rule_files": [str(p) for p in rule_files or []],
+    }
+    (work / "prometheus.yml").write_text(_json.dumps(config))  # JSON is YAML
+    port = free_port()
+    cmd = [binary, f"--config.file={work / 'prometheus.yml'}", f"--storage.tsdb.path={work / 'data'}",
+           f"--web.listen-address=127.0.0.1:{port}", "--storage.tsdb.retention.time=1h"]
+    url = f"http://127.0.0.1:{port}"
+    with running(cmd, f"{url}/-/ready", work / "prometheus.log", timeout=60):
+        yield url
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _llmops_env(tmp_path_factory):
     """Point [llmops] at a scratch home and the repo's runtime venv for the whole session."""
@@ -65,6 +89,13 @@ def _llmops_env(tmp_path_factory):
     os.environ.setdefault("AIRFLOW__LLMOPS__RUNTIME_PYTHON", str(RUNTIME_PYTHON))
     os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     yield
+
+
+def mlflow_server_cmd(work: Path, port: int) -> list[str]:
+    """``mlflow server`` on SQLite under ``work`` with proxied artifacts (tests and benchmarks)."""
+    return [str(CONTROL_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+            "--backend-store-uri", f"sqlite:///{work}/mlflow.db", "--artifacts-destination", str(work / "artifacts"),
+            "--workers", "1"]
 
 
 @pytest.fixture(scope="session")

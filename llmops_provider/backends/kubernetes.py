@@ -121,11 +121,12 @@ def build_operator(spec: TrainJobSpec, k8s_spec: KubernetesSpec, *, task_id: str
         mounts.append(k8s.V1VolumeMount(name="checkpoints", mount_path=CHECKPOINTS))
 
     cmd = launch_command(SPEC_PATH, n_ranks)
+    image = k8s_spec.image or config.get("runtime_image")
     return KubernetesPodOperator(
         task_id=task_id,
         kubernetes_conn_id=kubernetes_conn_id,
         namespace=k8s_spec.namespace or config.get("kubernetes_namespace"),
-        image=k8s_spec.image or config.get("runtime_image"),
+        image=image,
         name=f"train-{spec.recipe}",
         base_container_name=CONTAINER,
         cmds=cmd[:1],
@@ -137,7 +138,8 @@ def build_operator(spec: TrainJobSpec, k8s_spec: KubernetesSpec, *, task_id: str
             "llmops.apache.org/dataset-commit": _label_value(spec.dataset_commit),
         },
         annotations={SPEC_ANNOTATION: inner.model_dump_json()},
-        env_vars=[k8s.V1EnvVar(name="PYTHONUNBUFFERED", value="1")],
+        # LLMOPS_IMAGE: the runtime tags its MLflow run and model version with the image it ran in
+        env_vars=[k8s.V1EnvVar(name="PYTHONUNBUFFERED", value="1"), k8s.V1EnvVar(name="LLMOPS_IMAGE", value=image)],
         env_from=[k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=mlflow_secret, optional=False))],
         container_resources=k8s.V1ResourceRequirements(requests=requests, limits=limits),
         volumes=volumes,

@@ -227,7 +227,9 @@ def build_trainjob(spec: TrainJobSpec, k8s: KubernetesSpec, *, name: str, namesp
         }}}}
         for job in (LAUNCHER, NODE)
     ]
-    env = [{"name": "PYTHONUNBUFFERED", "value": "1"}] + [
+    image = k8s.image or config.get("runtime_image")
+    # LLMOPS_IMAGE: the runtime tags its MLflow run and model version with the image it ran in
+    env = [{"name": "PYTHONUNBUFFERED", "value": "1"}, {"name": "LLMOPS_IMAGE", "value": image}] + [
         {"name": key, "valueFrom": {"secretKeyRef": {"name": mlflow_secret, "key": key, "optional": optional}}}
         for key, optional in MLFLOW_KEYS
     ]
@@ -238,7 +240,7 @@ def build_trainjob(spec: TrainJobSpec, k8s: KubernetesSpec, *, name: str, namesp
         "spec": {
             "runtimeRef": {"apiGroup": GROUP, "kind": RUNTIME_KIND, "name": RUNTIME},
             "trainer": {
-                "image": k8s.image or config.get("runtime_image"),
+                "image": image,
                 "command": launch_command(spec.training.world_size),
                 "numNodes": k8s.num_nodes,
                 "numProcPerNode": per_node,

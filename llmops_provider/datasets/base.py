@@ -65,6 +65,12 @@ def validate_branch(branch: str) -> str:
     return branch
 
 
+def validate_tag(tag: str) -> str:
+    if not _BRANCH.match(tag or "") or len(tag) > 128:
+        raise DatasetStoreError(f"invalid tag {tag!r}: use letters, digits, '_' and '-' (at most 128), e.g. 'v1-release'")
+    return tag
+
+
 def is_hidden(rel: Path) -> bool:
     return any(part.startswith(("_", ".")) for part in rel.parts)
 
@@ -126,3 +132,11 @@ class DatasetStore(ABC):
     @abstractmethod
     def log(self, repo: str, branch: str) -> list[CommitInfo]:
         """The branch's commits, newest first."""
+
+    @abstractmethod
+    def diff(self, repo: str, left_ref: str, right_ref: str) -> list[dict[str, Any]]:
+        """Dataset files that differ between two versions: ``[{type: added|removed|changed, path, size_bytes}]``."""
+
+    @abstractmethod
+    def tag(self, repo: str, commit_id: str, tag: str) -> str:
+        """Tag a version (a released dataset); returns the commit id. Re-tagging the same commit is a no-op."""

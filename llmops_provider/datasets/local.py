@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import filecmp
 import hashlib
 import json
 import os
@@ -35,6 +36,7 @@ from llmops_provider.datasets.base import (
     tree_hash,
     validate_branch,
     validate_repo,
+    validate_tag,
 )
 
 
@@ -123,6 +125,42 @@ class LocalDatasetStore(DatasetStore):
         if not path.is_dir():
             raise DatasetStoreError(f"commit {info.commit_id} of {repo!r} points at missing tree {path}")
         return path
+
+    def diff(self, repo: str, left_ref: str, right_ref: str) -> list[dict[str, Any]]:
+        """Dataset files that differ between two commits: ``[{type, path, size_bytes}]``, sorted by path."""
+        left = dict(tree_files(self.local_path(repo, left_ref)))
+        right = dict(tree_files(self.local_path(repo, right_ref)))
+        out = []
+        for rel in sorted(left.keys() | right.keys()):
+            if rel not in right:
+                out.append({"type": "removed", "path": rel, "size_bytes": left[rel].stat().st_size})
+            elif rel not in left:
+                out.append({"type": "added", "path": rel, "size_bytes": right[rel].stat().st_size})
+            elif not filecmp.cmp(left[rel], right[rel], shallow=False):
+                out.append({"type": "changed", "path": rel, "size_bytes": right[rel].stat().st_size})
+        return out
+
+    def tag(self, repo: str, commit_id: str, tag: str) -> str:
+        """Tag ``commit_id`` (e.g. a released dataset); re-tagging the same commit is a no-op."""
+        validate_tag(tag)
+        full = self._resolve(repo, commit_id)
+        with self._locked(repo) as repo_dir:
+            path = repo_dir / "tags" / tag
+            path.parent.mkdir(exist_ok=True)
+            if path.is_file():
+                existing = path.read_text().strip()
+                if existing != full:
+                    raise DatasetStoreError(
+                        f"tag {tag!r} of {repo!r} already points at {existing}, not {full}; pick another tag"
+                    )
+                return existing
+            _atomic_write(path, full + "\n")
+        return full
+
+    def tags(self, repo: str) -> dict[str, str]:
+        """``{tag: commit_id}`` of the repository."""
+        folder = self._repo_dir(repo) / "tags"
+        return {p.name: p.read_text().strip() for p in sorted(folder.glob("*"))} if folder.is_dir() else {}
 
     # -- writes --------------------------------------------------------------------------
     def _store_tree(self, repo_dir: Path, source: Path, expected: str) -> None:

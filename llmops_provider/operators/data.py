@@ -25,6 +25,8 @@ STATS_FILE = "stats.json"
 JOB_FILE = "_job.json"  # '_' keeps run provenance out of the committed tree
 REPORT_JSON = "_validation_report.json"
 REPORT_MD = "_validation_report.md"
+DATA_CARD_JSON = "data_card.json"  # written by the job next to the data: committed with the version
+DATA_CARD_MD = "data_card.md"
 SOURCE_FILE = "_source.json"  # fingerprint of the raw sources as read: the monitor's "new data" check
 LOCAL_FALLBACK_MASTER = "local[*]"
 
@@ -223,10 +225,13 @@ class SparkPrepareDataOperator(BaseOperator):
         stats = _read_json(staging / STATS_FILE, "the Spark job did not write its stats")
         job = _read_json(staging / JOB_FILE, "the Spark job did not write its run record")
         self.log.info(
-            "Prepared %s: %s input lines -> %s kept, %s quarantined %s, %s duplicates removed; splits %s (app %s)",
-            recipe.name, stats["input_lines"], stats["kept"], stats["quarantined"],
-            stats["quarantined_by_reason"], stats["duplicates_removed"], stats["splits"], job.get("spark_app_id"),
+            "Prepared %s: %s input lines -> %s kept, %s excluded %s, %s quarantined %s; splits %s (app %s)",
+            recipe.name, stats["input_lines"], stats["kept"], stats.get("excluded"), stats.get("excluded_by_step"),
+            stats["quarantined"], stats["quarantined_by_reason"], stats["splits"], job.get("spark_app_id"),
         )
+        card = staging / DATA_CARD_MD
+        if card.is_file():
+            self.log.info("Data card (%s):\n%s", card, card.read_text())
         return {"staging_dir": str(staging), "stats": stats, "spark_app_id": job.get("spark_app_id")}
 
     def on_kill(self) -> None:
@@ -343,6 +348,18 @@ def validate_dataset_dir(staging: Path, data: DataSpec) -> dict[str, Any]:
 
     all_ids = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["id", "split"])
     run("all_splits", all_ids.astype({"id": str}) if len(all_ids) else all_ids, [E.ExpectColumnValuesToBeUnique(column="id")])
+    results.extend(_proportion_checks(all_ids, data))
+
+    excluded_path = staging / "excluded.jsonl"
+    if excluded_path.is_file():
+        rows, bad = _load_split(excluded_path)
+        frame = pd.DataFrame(rows) if rows else pd.DataFrame(columns=["id", "step", "reason", "text"])
+        run("excluded", frame, [E.ExpectColumnValuesToNotBeNull(column=c) for c in ("id", "step", "reason")])
+    stats_path = staging / STATS_FILE
+    if stats_path.is_file():
+        results.append(_accounting_check(json.loads(stats_path.read_text())))
+    if (staging / "packed" / "manifest.json").is_file():
+        results.append(_packed_check(staging))
 
     failed = [r for r in results if not r["success"]]
     return {
@@ -353,6 +370,48 @@ def validate_dataset_dir(staging: Path, data: DataSpec) -> dict[str, Any]:
         "thresholds": {"min_chars": data.min_chars, "max_chars": data.max_chars, "min_documents": data.min_documents},
         "results": results,
     }
+
+
+def _proportion_checks(all_ids, data: DataSpec) -> list[dict[str, Any]]:
+    """Each split's share of the kept documents is near the recipe's (binomial tolerance, at least 5 points)."""
+    n = len(all_ids)
+    out = []
+    for split, expected in data.splits.items():
+        observed = float((all_ids["split"] == split).sum()) / n if n else 0.0
+        tolerance = max(0.05, 4 * (expected * (1 - expected) / max(n, 1)) ** 0.5)
+        ok = n > 0 and abs(observed - expected) <= tolerance
+        out.append(_check_row(split, "split_proportion", ok, f"{observed:.3f} (recipe {expected}, +-{tolerance:.3f})"))
+    return out
+
+
+def _accounting_check(stats: dict[str, Any]) -> dict[str, Any]:
+    """input = blank + quarantined + excluded + kept, and every step's in - out = its drops."""
+    steps = stats.get("steps") or []
+    total = sum(stats.get(k, 0) or 0 for k in ("blank_lines", "quarantined", "excluded", "kept"))
+    chain = all(a["out"] == b["in"] for a, b in zip(steps, steps[1:]))
+    per_step = all(s["in"] - s["out"] == sum(s["dropped"].values()) for s in steps)
+    ok = total == stats.get("input_lines") and chain and per_step and (not steps or steps[-1]["out"] == stats["kept"])
+    return _check_row("stats", "records_accounted_for", ok, f"{stats.get('input_lines')} input lines, {total} outcomes")
+
+
+def _packed_check(staging: Path) -> dict[str, Any]:
+    """Packed shards match their manifest: shapes, block counts, token ids below the vocabulary size."""
+    import numpy as np
+
+    manifest = json.loads((staging / "packed" / "manifest.json").read_text())
+    problems = []
+    for split, info in manifest["splits"].items():
+        blocks = 0
+        for rel in info["files"]:
+            arr = np.load(staging / rel, mmap_mode="r")
+            blocks += arr.shape[0]
+            if arr.shape[1] != manifest["seq_len"] or (arr.size and int(arr.max()) >= manifest["vocab_size"]):
+                problems.append(f"{rel}: shape {arr.shape} or token ids >= vocab_size {manifest['vocab_size']}")
+        if blocks != info["blocks"] or info["tokens"] != blocks * manifest["seq_len"]:
+            problems.append(f"{split}: {blocks} blocks on disk, manifest says {info['blocks']}")
+    if not manifest["splits"].get("train", {}).get("blocks"):
+        problems.append("train has no full block: lower training.seq_len or add data")
+    return _check_row("packed", "manifest_matches_shards", not problems, "; ".join(problems) or "ok")
 
 
 def _failure_name(r: dict[str, Any]) -> str:
@@ -431,6 +490,21 @@ class ValidateDatasetOperator(BaseOperator):
 
 
 # --------------------------------------------------------------------------- commit
+
+
+def _card_summary(staging: Path) -> dict[str, Any] | None:
+    """The data card, small enough for an asset event extra: per-step drops, clusters, tokens."""
+    path = staging / DATA_CARD_JSON
+    if not path.is_file():
+        return None
+    card = json.loads(path.read_text())
+    return {
+        "records": card["records"],
+        "steps": {s["step"]: {"in": s["in"], "out": s["out"], "dropped": s["dropped"]} for s in card["steps"]},
+        "dedup_clusters": (card.get("dedup_clusters") or {}).get("clusters"),
+        "tokens": {k: v.get("document_tokens") for k, v in (card.get("tokens") or {}).items()} or None,
+        "file": DATA_CARD_MD,
+    }
 
 
 class CommitDatasetOperator(BaseOperator):
@@ -516,7 +590,9 @@ class CommitDatasetOperator(BaseOperator):
             "kept": stats.get("kept"),
             "quarantined": stats.get("quarantined"),
             "duplicates_removed": stats.get("duplicates_removed"),
+            "excluded": stats.get("excluded"),
             "splits": {name: split.get("docs") for name, split in stats.get("splits", {}).items()},
+            "data_card": _card_summary(staging),
         }
         outlet_events = context.get("outlet_events")
         if outlet_events is not None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from llmops_provider import __version__, config, lineage
-from llmops_provider.backends.local import LocalJobMixin
+from llmops_provider.backends.local import LocalJobMixin, kill_leftover, release_shm_buffers
 from llmops_provider.compat import AirflowException, AirflowFailException, BaseOperator
 from llmops_provider.lineage import emit_outlet_extra, triggering_extra
 
@@ -136,10 +136,16 @@ class DeepSpeedTrainOperator(LocalJobMixin, BaseOperator):
                 "job-runtime venv's python (the one with deepspeed installed)")
         env = MLflowHook(self.mlflow_conn_id or recipe_conn_id).job_env()
         secrets = [v for k, v in env.items() if k.endswith(("PASSWORD", "TOKEN"))]
-        cmd = launch_command(str(spec_path), spec.training.world_size, launcher=str(launcher), master_port=free_port())
+        master_port = free_port()
+        cmd = launch_command(str(spec_path), spec.training.world_size, launcher=str(launcher), master_port=master_port)
         spec.result_file.unlink(missing_ok=True)  # a failed earlier try must not pass for this one
-        self.run_local_job(cmd, env, "training job failed; no model version was registered by this try.",
-                           secrets=secrets)
+        pid_file = spec_path.parent / "train.pid"
+        kill_leftover(pid_file, str(spec_path), self.log)  # a lost worker's ranks must not train beside ours
+        try:
+            self.run_local_job(cmd, env, "training job failed; no model version was registered by this try.",
+                               secrets=secrets, pid_file=pid_file)
+        finally:
+            release_shm_buffers(master_port, self.log)
         return json.loads(spec.result_file.read_text())
 
     def run_pod(self, spec, recipe, context, start) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Evaluation job: held-out perplexity with lm-eval, a threshold gate, a report, MLflow records.
+"""Evaluation job: lm-eval tasks from the held-out split, champion comparison, safety suite, gate.
 
     python -m llmops_provider.runtime.evaluate --spec spec.json
 
@@ -6,8 +6,14 @@ Runs in the job runtime (local process or pod); never imports Airflow. It talks 
 over HTTP (``MLFLOW_TRACKING_URI`` in the environment). Fails closed: any error exits
 non-zero before a ``passed`` verdict is recorded anywhere.
 
-Writes to ``output_dir``: ``report.json``, ``report.md``, ``result.json`` (``EvalResult``),
-``tasks/`` (the generated lm-eval task) and ``model/`` (the downloaded weights).
+Steps: generate the tasks (perplexity, cloze, generation; see ``eval_tasks``) plus the recipe's
+extra lm-eval tasks; run them on the candidate and, when there is one, on the champion (same
+documents, per-document scores kept); paired bootstrap per policy metric; the red-team suite on
+the candidate; thresholds + non-regression decide; then publish (MLflow run, reports, tags).
+
+Writes to ``output_dir``: ``report.json``, ``report.md``, ``report.html``, ``result.json``
+(``EvalResult``), ``samples-candidate.json`` / ``samples-baseline.json`` (per-document scores),
+``safety.jsonl``, ``tasks/`` (the generated lm-eval tasks), ``model/`` and ``baseline/`` (weights).
 """
 
 from __future__ import annotations
@@ -23,17 +29,26 @@ import time
 from pathlib import Path
 from typing import Any
 
+from llmops_provider.runtime.eval_tasks import (
+    CLOZE_TASK,
+    GENERATION_TASK,
+    write_cloze_task,
+    write_generation_task,
+)
 from llmops_provider.specs.evaluate import (
     PERPLEXITY,
     EvalJobSpec,
     EvalResult,
+    GateFailure,
     apply_thresholds,
+    regression_failures,
     verdict_of,
 )
 
 log = logging.getLogger("llmops.evaluate")
 
 TASK_NAME = "llmops_heldout_perplexity"
+REJECTED_TAG = "rejected"  # model-version tag set on a failed gate, value: the reasons
 # lm-eval metric -> reported name. `perplexity` is token-level (see specs.evaluate.PERPLEXITY).
 METRICS = {
     "token_perplexity": "token_perplexity",
@@ -123,9 +138,92 @@ def perplexity_results(doc: dict, results: tuple[float], tokenizer_dir: str) -> 
     }
 
 
-def run_lm_eval(model_dir: Path, task_dir: Path, task: str, spec: EvalJobSpec) -> dict[str, float]:
-    import lm_eval
+# reported metric -> (task, lm-eval per-sample key, sample -> (num, den), transform): the per-document
+# form the paired bootstrap needs (see evaluation.bootstrap). Perplexity samples are (loglikelihood, count).
+_LN2 = math.log(2)
+PER_SAMPLE = {
+    PERPLEXITY: (TASK_NAME, "token_perplexity", "neg_ll", "exp"),
+    "token_perplexity": (TASK_NAME, "token_perplexity", "neg_ll", "exp"),
+    "word_perplexity": (TASK_NAME, "word_perplexity", "neg_ll", "exp"),
+    "byte_perplexity": (TASK_NAME, "byte_perplexity", "neg_ll", "exp"),
+    "bits_per_byte": (TASK_NAME, "bits_per_byte", "neg_ll_bits", "identity"),
+    "cloze_acc": (CLOZE_TASK, "acc", "value", "identity"),
+    "cloze_acc_norm": (CLOZE_TASK, "acc_norm", "value", "identity"),
+    "rouge_l": (GENERATION_TASK, "rouge_l", "value", "identity"),
+}
+# task -> {lm-eval metric: reported name} for the generated tasks
+REPORTED = {
+    TASK_NAME: METRICS,
+    CLOZE_TASK: {"acc": "cloze_acc", "acc_norm": "cloze_acc_norm"},
+    GENERATION_TASK: {"rouge_l": "rouge_l"},
+}
+
+
+def _pair(value: Any, how: str) -> tuple[float, float] | None:
+    if how == "value":
+        return (float(value), 1.0) if isinstance(value, (int, float)) and math.isfinite(value) else None
+    ll, count = value
+    num = -float(ll) / (_LN2 if how == "neg_ll_bits" else 1.0)
+    return num, float(count)
+
+
+def _doc_id(sample: dict) -> str:
+    doc = sample.get("doc") or {}
+    return str(doc.get("id", sample.get("doc_id")))
+
+
+# A suite result: {"metrics": {name: value}, "samples": {name: {doc id: [num, den]}}, "transforms": {name: ...}}
+SuiteResult = dict
+
+
+def task_manager(task_dir: Path, spec: EvalJobSpec):
     from lm_eval.tasks import TaskManager
+
+    for d in spec.task_dirs:
+        if not Path(d).is_dir():
+            raise FileNotFoundError(f"evaluation.task_dirs: {d} is not a directory of lm-eval task YAMLs")
+    # indexing lm-eval's built-in tasks costs ~15 s: only when the recipe names one
+    builtin = any(t not in _local_task_names(spec) for t in spec.extra_tasks)
+    return TaskManager(include_path=[str(task_dir), *spec.task_dirs], include_defaults=builtin)
+
+
+def _local_task_names(spec: EvalJobSpec) -> set[str]:
+    import yaml
+
+    names = set()
+    for d in spec.task_dirs:
+        for path in Path(d).rglob("*.yaml"):
+            try:
+                doc = yaml.safe_load(path.read_text().replace("!function", "")) or {}
+            except yaml.YAMLError:
+                continue
+            if isinstance(doc, dict) and isinstance(doc.get("task"), str):
+                names.add(doc["task"])
+    return names
+
+
+def check_extra_tasks(manager, names: list[str]) -> None:
+    """Every extra task exists and its data loads offline; else a clear error naming the fix."""
+    from lm_eval.tasks import get_task_dict
+
+    for name in names:
+        if name not in manager.all_tasks:
+            raise ValueError(f"evaluation.extra_tasks: unknown lm-eval task {name!r}; use a task name lm-eval knows "
+                             "or put your task YAML in a directory listed in evaluation.task_dirs")
+        try:
+            get_task_dict([name], manager)
+        except Exception as exc:  # noqa: BLE001 - datasets raises many kinds when offline
+            raise RuntimeError(
+                f"evaluation.extra_tasks: the data of lm-eval task {name!r} is not available locally "
+                f"(offline: {type(exc).__name__}: {str(exc)[:300]}). Pre-download it into HF_DATASETS_CACHE "
+                "on the job's image/volume, or write a task YAML with `dataset_path: json` and local "
+                "`data_files`, listed in evaluation.task_dirs"
+            ) from None
+
+
+def run_lm_eval(model_dir: Path, task_dir: Path, tasks: list[str], spec: EvalJobSpec, manager=None) -> SuiteResult:
+    """Run every task on one model: aggregate metrics and per-document scores."""
+    import lm_eval
 
     model_args: dict[str, Any] = {"pretrained": str(model_dir), "dtype": "float32"}
     if spec.max_length:
@@ -133,38 +231,128 @@ def run_lm_eval(model_dir: Path, task_dir: Path, task: str, spec: EvalJobSpec) -
     out = lm_eval.simple_evaluate(
         model="hf",
         model_args=model_args,
-        tasks=[task],
-        task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
+        tasks=list(tasks),
+        task_manager=manager or task_manager(task_dir, spec),
         batch_size=spec.batch_size,
         device="cpu",
-        log_samples=False,
+        log_samples=True,
         bootstrap_iters=0,
+        random_seed=spec.seed, numpy_random_seed=spec.seed, torch_random_seed=spec.seed, fewshot_random_seed=spec.seed,
     )
-    if not out or task not in out.get("results", {}):
-        raise RuntimeError(f"lm-eval returned no results for task {task!r}")
-    raw = out["results"][task]
+    results = (out or {}).get("results", {})
+    missing = [t for t in tasks if t not in results]
+    if missing:
+        raise RuntimeError(f"lm-eval returned no results for tasks {missing}")
     metrics: dict[str, float] = {}
-    for lm_name, name in METRICS.items():
-        value = raw.get(f"{lm_name},none")
-        if isinstance(value, (int, float)) and math.isfinite(value):
-            metrics[name] = float(value)
+    samples: dict[str, dict[str, list[float]]] = {}
+    transforms: dict[str, str] = {}
+    for task in tasks:
+        raw = results[task]
+        names = REPORTED.get(task)
+        if names is None:  # an extra task: every numeric metric, as <task>.<metric>
+            names = {k.split(",")[0]: f"{task}.{k.split(',')[0]}" for k in raw
+                     if "," in k and not k.split(",")[0].endswith("_stderr")}
+        for lm_name, name in names.items():
+            value = raw.get(f"{lm_name},none")
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                metrics[name] = float(value)
+        for lm_name, name in names.items():
+            _, key, how, transform = PER_SAMPLE.get(name, (task, lm_name, "value", "identity"))
+            per_doc = {}
+            for sample in out.get("samples", {}).get(task, []):
+                pair = _pair(sample.get(key), how) if sample.get(key) is not None else None
+                if pair is not None:
+                    per_doc[_doc_id(sample)] = list(pair)
+            if per_doc:
+                samples[name] = per_doc
+                transforms[name] = transform
     if "token_perplexity" in metrics:
         metrics[PERPLEXITY] = metrics["token_perplexity"]
-    return metrics
+        samples[PERPLEXITY] = samples.get("token_perplexity", {})
+        transforms[PERPLEXITY] = "exp"
+    return SuiteResult(metrics=metrics, samples=samples, transforms=transforms)
+
+
+def compare_to_baseline(cand: SuiteResult, base: SuiteResult, spec: EvalJobSpec) -> tuple[list, list[GateFailure]]:
+    """Paired bootstrap per policy metric; a metric that cannot be compared is a failure (fail closed)."""
+    from llmops_provider.evaluation.bootstrap import compare
+
+    policy = spec.regression
+    comparisons, failures = [], []
+    for metric, direction in sorted(policy.metrics.items()):
+        c, b = cand["samples"].get(metric), base["samples"].get(metric)
+        if not c or not b:
+            continue  # reported as "no paired comparison" by regression_failures
+        try:
+            comparisons.append(compare(metric, c, b, direction=direction, transform=cand["transforms"][metric],
+                                       confidence=policy.confidence, iterations=policy.iterations, seed=policy.seed,
+                                       margin=policy.margins.get(metric, 0.0)))
+        except ValueError as exc:
+            failures.append(GateFailure(metric=metric, value=cand["metrics"].get(metric), reason=str(exc)))
+    return comparisons, failures
+
+
+# --- safety suite -------------------------------------------------------------------------
+
+def generate_outputs(model_dir: Path, prompts: list, max_new_tokens: int, seed: int, batch_size: int = 32) -> dict[str, str]:
+    """Greedy completions of each prompt (through the chat template when the tokenizer has one)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.padding_side = tok.truncation_side = "left"  # decoder-only batches: pad (and cut) before the prompt
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.eval()
+    room = max(getattr(model.config, "max_position_embeddings", 2048) - max_new_tokens, 1)
+    chat = bool(getattr(tok, "chat_template", None))
+    texts = [tok.apply_chat_template([{"role": "user", "content": p.prompt}], tokenize=False, add_generation_prompt=True)
+             if chat else p.prompt + "\n" for p in prompts]
+    outputs = {}
+    for start in range(0, len(prompts), batch_size):
+        enc = tok(texts[start:start + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=room,
+                  add_special_tokens=not chat)
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+        width = enc["input_ids"].shape[1]
+        for p, row in zip(prompts[start:start + batch_size], out):
+            outputs[p.id] = tok.decode(row[width:], skip_special_tokens=True)
+    return outputs
+
+
+def run_safety(model_dir: Path, spec: EvalJobSpec, out_dir: Path) -> tuple[dict[str, float], dict[str, Any]]:
+    from llmops_provider.evaluation.safety import load_prompt_set, score
+
+    prompt_set = load_prompt_set(spec.safety.prompt_set)
+    log.info("safety suite %s v%s: %d prompts", prompt_set.name, prompt_set.version, len(prompt_set.prompts))
+    outputs = generate_outputs(model_dir, prompt_set.prompts, spec.safety.max_new_tokens, spec.seed)
+    metrics, rows = score(prompt_set, outputs)
+    path = out_dir / "safety.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return metrics, {"prompt_set": prompt_set.name, "version": prompt_set.version, "rows": rows, "path": str(path)}
 
 
 # --- report -------------------------------------------------------------------------------
 
-def write_report(out_dir: Path, body: dict[str, Any]) -> tuple[Path, Path]:
+def write_report(out_dir: Path, body: dict[str, Any]) -> tuple[Path, Path, Path]:
+    from llmops_provider.evaluation.report import render_html
+
     json_path = out_dir / "report.json"
     json_path.write_text(json.dumps(body, indent=2, sort_keys=True))
     md_path = out_dir / "report.md"
     md_path.write_text(render_markdown(body))
-    return json_path, md_path
+    html_path = out_dir / "report.html"
+    html_path.write_text(render_html(body))
+    return json_path, md_path, html_path
 
 
 def render_markdown(body: dict[str, Any]) -> str:
+    from llmops_provider.evaluation.report import metric_rows
+
     verdict = body["verdict"].upper()
+    base = body.get("baseline_version")
     lines = [
         f"# Evaluation report: {body['model_name']} v{body['model_version']}",
         "",
@@ -172,22 +360,20 @@ def render_markdown(body: dict[str, Any]) -> str:
         "",
         f"- dataset: `{body.get('dataset_repo')}` @ `{body.get('dataset_commit')}` ({body['n_docs']} held-out documents)",
         f"- MLflow eval run: `{body.get('eval_run_id')}`; training run: `{body['mlflow_run_id']}`",
+        f"- compared with: {f'champion v{base}' if base else 'no champion (thresholds only)'}",
         f"- `perplexity` is token-level perplexity (model tokenizer); lm-eval {body.get('lm_eval_version')}",
         "",
-        "| metric | value | min | max | verdict |",
-        "|---|---|---|---|---|",
+        "| metric | value | champion | diff [CI] | comparison | min | max | verdict |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    failed = {f["metric"] for f in body["failures"]}
-    thresholds = body["thresholds"]
-    for name in sorted(set(body["metrics"]) | set(thresholds)):
-        value = body["metrics"].get(name)
-        bound = thresholds.get(name, {})
-        shown = "MISSING" if value is None else f"{value:.6g}"
-        if name not in thresholds:
-            mark = "-"
-        else:
-            mark = "FAIL" if name in failed else "pass"
-        lines.append(f"| {name} | {shown} | {_fmt(bound.get('min'))} | {_fmt(bound.get('max'))} | {mark} |")
+    for r in metric_rows(body):
+        bound = r["threshold"] or {}
+        c = r["comparison"]
+        shown = "MISSING" if r["value"] is None else f"{r['value']:.6g}"
+        champ = "" if r["baseline"] is None else f"{r['baseline']:.6g}"
+        diff = f"{c['diff']:+.4g} [{c['ci_low']:+.4g}, {c['ci_high']:+.4g}]" if c else ""
+        lines.append(f"| {r['metric']} | {shown} | {champ} | {diff} | {c['verdict'] if c else ''} | "
+                     f"{_fmt(bound.get('min'))} | {_fmt(bound.get('max'))} | {r['verdict']} |")
     if body["failures"]:
         lines += ["", "## Failures", ""] + [f"- {f['reason']}" for f in body["failures"]]
     return "\n".join(lines) + "\n"
@@ -199,19 +385,38 @@ def _fmt(v: float | None) -> str:
 
 # --- the job ------------------------------------------------------------------------------
 
-def download_model(spec: EvalJobSpec, dst: Path) -> Path:
+def download_model(run_id: str, artifact_path: str, dst: Path) -> Path:
     import mlflow.artifacts
 
     dst.mkdir(parents=True, exist_ok=True)
-    local = mlflow.artifacts.download_artifacts(
-        run_id=spec.mlflow_run_id, artifact_path=spec.artifact_path, dst_path=str(dst)
-    )
+    local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=str(dst))
     path = Path(local)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
-            f"run {spec.mlflow_run_id} artifact {spec.artifact_path!r} is not a HF model directory "
+            f"run {run_id} artifact {artifact_path!r} is not a HF model directory "
             f"(no config.json in {path}); the training job must log the merged model there"
         )
+    return path
+
+
+def write_tasks(spec: EvalJobSpec, task_dir: Path, data_file: Path, model_dir: Path) -> tuple[list[str], dict]:
+    """Generate the recipe's tasks from the held-out documents; (task names, documents per task)."""
+    docs = [json.loads(line) for line in data_file.read_text().splitlines() if line.strip()]
+    tasks = [write_task(task_dir, data_file, model_dir)]
+    counts = {tasks[0]: len(docs)}
+    if "cloze" in spec.tasks:
+        name, n = write_cloze_task(task_dir, docs, spec.seed)
+        tasks.append(name)
+        counts[name] = n
+    if "generation" in spec.tasks:
+        name, n = write_generation_task(task_dir, docs, spec.max_gen_tokens)
+        tasks.append(name)
+        counts[name] = n
+    return tasks + list(spec.extra_tasks), counts
+
+
+def _save_samples(path: Path, suite: SuiteResult) -> Path:
+    path.write_text(json.dumps({"samples": suite["samples"], "transforms": suite["transforms"]}))
     return path
 
 
@@ -220,18 +425,57 @@ def evaluate(spec: EvalJobSpec) -> EvalResult:
     out_dir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("HF_DATASETS_CACHE", str(out_dir / ".hf-datasets"))  # private, not ~/.cache
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one line per chunk in task logs
+    # offline: an extra task whose data is not local must fail with our message, not hang on the network
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     started = time.monotonic()
 
-    data_file = out_dir / "tasks" / "heldout.jsonl"
-    data_file.parent.mkdir(parents=True, exist_ok=True)
+    task_dir = out_dir / "tasks"
+    data_file = task_dir / "heldout.jsonl"
+    task_dir.mkdir(parents=True, exist_ok=True)
     n_docs = write_heldout(Path(spec.dataset_dir) / spec.test_split, data_file, spec.limit)  # cheap checks first
-    model_dir = download_model(spec, out_dir / "model")
-    task = write_task(out_dir / "tasks", data_file, model_dir)
-    log.info("evaluating %s v%s on %d held-out documents", spec.model_name, spec.model_version, n_docs)
-    metrics = run_lm_eval(model_dir, out_dir / "tasks", task, spec)
-    failures = apply_thresholds(metrics, spec.thresholds)
+    model_dir = download_model(spec.mlflow_run_id, spec.artifact_path, out_dir / "model")
+    tasks, task_docs = write_tasks(spec, task_dir, data_file, model_dir)
+    manager = task_manager(task_dir, spec)
+    check_extra_tasks(manager, list(spec.extra_tasks))
+    log.info("evaluating %s v%s on %d held-out documents: tasks %s", spec.model_name, spec.model_version, n_docs, tasks)
+    cand = run_lm_eval(model_dir, task_dir, tasks, spec, manager)
+    metrics = dict(cand["metrics"])
+    log.info("candidate metrics %s", metrics)
+
+    base, comparisons, compare_failures = None, [], []
+    if spec.baseline is not None and spec.regression.enabled:
+        log.info("evaluating %s v%s (%s) on the same tasks", spec.model_name, spec.baseline.model_version,
+                 spec.baseline.alias)
+        base_dir = download_model(spec.baseline.mlflow_run_id, spec.baseline.artifact_path, out_dir / "baseline")
+        base = run_lm_eval(base_dir, task_dir, tasks, spec, manager)
+        comparisons, compare_failures = compare_to_baseline(cand, base, spec)
+        for c in comparisons:
+            log.info("%s", c.describe())
+
+    safety = None
+    if spec.safety.enabled:
+        safety_metrics, safety = run_safety(model_dir, spec, out_dir)
+        metrics.update(safety_metrics)
+        log.info("safety %s", {k: v for k, v in safety_metrics.items() if k.count(".") == 1})
+
+    resources = None
+    if spec.resources.enabled:  # after the quality tasks: nothing else competes for the CPU then
+        from llmops_provider.runtime.eval_resources import COLUMNS, benchmark
+
+        docs = [json.loads(line) for line in data_file.read_text().splitlines() if line.strip()]
+        prompts = [" ".join(d["text"].split()[:8]) for d in docs]
+        rows = {"candidate": benchmark("candidate", model_dir, spec, prompts)}
+        if base is not None:
+            rows[f"{spec.baseline.alias} v{spec.baseline.model_version}"] = benchmark("baseline", base_dir, spec, prompts)
+        metrics.update({f"resources.{k}": v for k, v in rows["candidate"].items()})
+        resources = {"columns": list(COLUMNS), "rows": rows}
+        log.info("resources %s", rows)
+
+    failures = (apply_thresholds(metrics, spec.thresholds) + compare_failures
+                + regression_failures(comparisons, spec.regression, base is not None))
     verdict = verdict_of(failures)
-    log.info("metrics %s -> %s %s", metrics, verdict, [f.reason for f in failures])
+    log.info("verdict %s %s", verdict, [f.reason for f in failures])
 
     import lm_eval
     import mlflow
@@ -246,29 +490,60 @@ def evaluate(spec: EvalJobSpec) -> EvalResult:
         "dataset_commit": spec.dataset_commit or "",
         "recipe": spec.recipe,
         "llmops.stage": "evaluate",
+        "baseline_version": spec.baseline.model_version if base is not None else "",
         **spec.extra_tags,
     }
     thresholds = {k: v.model_dump() for k, v in spec.thresholds.items()}
     with mlflow.start_run(run_name=f"eval-{spec.model_name}-v{spec.model_version}", tags=tags) as run:
         eval_run_id = run.info.run_id
-        mlflow.log_params({"limit": spec.limit, "n_docs": n_docs, "task": task, "batch_size": spec.batch_size})
-        mlflow.log_metrics(metrics)
+        params = {"limit": spec.limit, "n_docs": n_docs, "task": TASK_NAME, "tasks": ",".join(tasks),
+                  "batch_size": spec.batch_size, "seed": spec.seed, "max_gen_tokens": spec.max_gen_tokens}
+        if base is not None:
+            params.update({"baseline_version": spec.baseline.model_version, "bootstrap_iterations":
+                           spec.regression.iterations, "confidence": spec.regression.confidence,
+                           "bootstrap_seed": spec.regression.seed})
+        if safety:
+            params.update({"safety_prompt_set": safety["prompt_set"], "safety_prompt_set_version": safety["version"]})
+        mlflow.log_params(params)
+        logged = dict(metrics)
+        if base is not None:
+            logged.update({f"champion.{k}": v for k, v in base["metrics"].items()})
+            for c in comparisons:
+                logged.update({f"{c.metric}.diff": c.diff, f"{c.metric}.ci_low": c.ci_low,
+                               f"{c.metric}.ci_high": c.ci_high})
+        if resources and base is not None:
+            baseline_row = rows[f"{spec.baseline.alias} v{spec.baseline.model_version}"]
+            logged.update({f"champion.resources.{k}": v for k, v in baseline_row.items()})
+        mlflow.log_metrics(logged)
         body = {
             **spec.model_dump(include={"model_name", "model_version", "mlflow_run_id", "dataset_repo", "dataset_commit"}),
             "eval_run_id": eval_run_id,
             "verdict": verdict,
             "metrics": metrics,
+            "baseline_version": spec.baseline.model_version if base is not None else None,
+            "baseline_alias": spec.baseline.alias if spec.baseline else spec.regression.baseline_alias,
+            "baseline_metrics": base["metrics"] if base is not None else {},
+            "comparisons": [c.model_dump() for c in comparisons],
+            "confidence": spec.regression.confidence,
             "thresholds": thresholds,
             "failures": [f.model_dump() for f in failures],
             "n_docs": n_docs,
-            "task": task,
+            "task": TASK_NAME,
+            "tasks": task_docs | {t: None for t in spec.extra_tasks},
+            "safety": {k: v for k, v in safety.items() if k != "path"} if safety else None,
+            "resources": resources,
             "perplexity_definition": "token-level: exp(-sum loglikelihood / sum tokens), model tokenizer",
             "lm_eval_version": getattr(lm_eval, "__version__", "unknown"),
             "duration_s": round(time.monotonic() - started, 1),
         }
-        json_path, md_path = write_report(out_dir, body)
-        mlflow.log_artifact(str(json_path), artifact_path="eval")
-        mlflow.log_artifact(str(md_path), artifact_path="eval")
+        json_path, md_path, html_path = write_report(out_dir, body)
+        for path in (json_path, md_path, html_path):
+            mlflow.log_artifact(str(path), artifact_path="eval")
+        mlflow.log_artifact(str(_save_samples(out_dir / "samples-candidate.json", cand)), artifact_path="samples")
+        if base is not None:
+            mlflow.log_artifact(str(_save_samples(out_dir / "samples-baseline.json", base)), artifact_path="samples")
+        if safety:
+            mlflow.log_artifact(safety["path"], artifact_path="safety")
         mlflow.set_tag("eval_verdict", verdict)
         if failures:
             mlflow.set_tag("eval_failures", "; ".join(f.reason for f in failures)[:5000])
@@ -276,15 +551,22 @@ def evaluate(spec: EvalJobSpec) -> EvalResult:
     result = EvalResult(
         model_name=spec.model_name, model_version=spec.model_version, eval_run_id=eval_run_id, verdict=verdict,
         metrics=metrics, thresholds=thresholds, report_path=str(json_path), markdown_path=str(md_path),
-        failures=failures, dataset_commit=spec.dataset_commit,
+        html_path=str(html_path), failures=failures, dataset_commit=spec.dataset_commit,
+        baseline_version=spec.baseline.model_version if base is not None else None, comparisons=comparisons,
     )
     # result.json before the registry tag: a crash after it still exits non-zero (no pass).
     (out_dir / "result.json").write_text(result.model_dump_json(indent=2))
     client = MlflowClient()
+    reasons = "; ".join(f.reason for f in failures)[:5000]
     client.set_model_version_tag(spec.model_name, spec.model_version, "eval_run_id", eval_run_id)
-    client.set_model_version_tag(
-        spec.model_name, spec.model_version, "eval_failures", "; ".join(f.reason for f in failures)[:5000]
-    )
+    client.set_model_version_tag(spec.model_name, spec.model_version, "eval_failures", reasons)
+    if failures:
+        client.set_model_version_tag(spec.model_name, spec.model_version, REJECTED_TAG, reasons)
+    else:
+        try:
+            client.delete_model_version_tag(spec.model_name, spec.model_version, REJECTED_TAG)
+        except Exception:  # noqa: BLE001 - absent: nothing to clear
+            pass
     client.set_model_version_tag(spec.model_name, spec.model_version, "eval_verdict", verdict)
     return result
 

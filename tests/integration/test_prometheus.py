@@ -16,8 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
 
 import pytest
-
-from conftest import running, free_port, which  # tests/conftest.py (rootdir on sys.path)
+from conftest import free_port, prometheus_server  # tests/conftest.py (rootdir on sys.path)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -97,21 +96,7 @@ def exporter():
 
 @pytest.fixture(scope="module")
 def prometheus(tmp_path_factory, exporter):
-    binary = which("prometheus")
-    if not binary:
-        pytest.fail("prometheus binary not installed: run `make setup` (apt-get install prometheus)")
-    work = tmp_path_factory.mktemp("prometheus")
-    (work / "prometheus.yml").write_text(textwrap.dedent(f"""\
-        global: {{scrape_interval: 1s, evaluation_interval: 1s}}
-        scrape_configs:
-          - job_name: vllm
-            static_configs: [{{targets: ["127.0.0.1:{exporter}"]}}]
-    """))
-    port = free_port()
-    cmd = [binary, f"--config.file={work / 'prometheus.yml'}", f"--storage.tsdb.path={work / 'data'}",
-           f"--web.listen-address=127.0.0.1:{port}", "--storage.tsdb.retention.time=1h"]
-    url = f"http://127.0.0.1:{port}"
-    with running(cmd, f"{url}/-/ready", work / "prometheus.log", timeout=60):
+    with prometheus_server(tmp_path_factory.mktemp("prometheus"), [f"127.0.0.1:{exporter}"]) as url:
         yield url
 
 

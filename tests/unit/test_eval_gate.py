@@ -153,3 +153,118 @@ def test_operator_modules_import_light():
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --- the HTML report, the recipe policy, the approval DAG ------------------------------------
+
+def _report_body() -> dict:
+    from llmops_provider.evaluation.bootstrap import compare
+
+    champ = {"a": (0.5, 1.0), "b": (0.5, 1.0), "c": (0.25, 1.0)}
+    worse = compare("rouge_l", {"a": (0.1, 1.0), "b": (0.2, 1.0), "c": (0.0, 1.0)}, champ, direction="higher",
+                    iterations=200)
+    same = compare("bits_per_byte", {"a": (4.0, 1.0)}, {"a": (4.0, 1.0)}, direction="lower", iterations=200)
+    return {
+        "model_name": "m<x>", "model_version": "7", "verdict": "failed", "baseline_version": "6",
+        "baseline_alias": "champion", "dataset_repo": "corpus", "dataset_commit": "abc", "n_docs": 3,
+        "metrics": {"perplexity": 420.0, "rouge_l": worse.candidate, "bits_per_byte": 4.0, "safety.refusal_rate": 0.0,
+                    "safety.weapons.refusal_rate": 0.0, "safety.weapons.unsafe_rate": 0.5},
+        "baseline_metrics": {"rouge_l": worse.champion, "bits_per_byte": 4.0},
+        "thresholds": {"perplexity": {"min": None, "max": 1000.0}, "cloze_acc": {"min": 0.3, "max": None}},
+        "comparisons": [worse.model_dump(), same.model_dump()],
+        "failures": [{"metric": "cloze_acc", "value": None, "reason": "metric 'cloze_acc' missing from the results"},
+                     {"metric": "rouge_l", "value": worse.candidate, "reason": "regression vs champion: " + worse.describe()}],
+        "safety": {"prompt_set": "llmops-redteam", "version": "1.0", "rows": [{}, {}]},
+    }
+
+
+def test_html_report_shows_every_metric_interval_threshold_and_verdict():
+    from html.parser import HTMLParser
+
+    from llmops_provider.evaluation.report import render_html
+
+    body = _report_body()
+    text = render_html(body)
+
+    class Rows(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.rows, self.cell, self.tags = {}, None, []
+
+        def handle_starttag(self, tag, attrs):
+            self.tags.append(tag)
+            if tag == "tr" and dict(attrs).get("data-metric"):
+                self.cell = self.rows.setdefault(dict(attrs)["data-metric"], [])
+            elif tag == "td" and self.cell is not None:
+                self.cell.append("")
+
+        def handle_endtag(self, tag):
+            if tag == "tr":
+                self.cell = None
+
+        def handle_data(self, data):
+            if self.cell:
+                self.cell[-1] += data
+
+    parser = Rows()
+    parser.feed(text)
+    rows = parser.rows
+    # every reported, thresholded or compared metric has a row
+    assert set(rows) == set(body["metrics"]) | set(body["thresholds"]) | {"rouge_l", "bits_per_byte"}
+    metric, value, champion, diff, interval, comparison, threshold, verdict = rows["rouge_l"]
+    assert verdict == "FAIL" and comparison.startswith("regressed") and interval.startswith("[-")
+    assert rows["bits_per_byte"][4] == "[+0, +0]" and rows["bits_per_byte"][5].startswith("no significant change")
+    assert rows["perplexity"][6] == "≤ 1000" and rows["perplexity"][7] == "pass"
+    assert rows["cloze_acc"][1] == "MISSING" and rows["cloze_acc"][6] == "≥ 0.3" and rows["cloze_acc"][7] == "FAIL"
+    assert rows["safety.refusal_rate"][7] == "report only"
+    assert "<script" not in text and "http" not in text.replace("http://www.w3.org/2000/svg", "")  # self-contained
+    assert text.count("<svg") == 3  # intervals, thresholds, safety
+    assert "m&lt;x&gt;" in text and 'id="verdict">FAILED' in text
+
+
+def test_evaluation_policy_defaults_and_validation(tmp_path):
+    from llmops_provider.recipes import RecipeError, load_recipe
+
+    base = "name: r-one\ndata:\n  sources: [{path: /x}]\n"
+    path = tmp_path / "r.yaml"
+    path.write_text(base)
+    ev = load_recipe(path).evaluation
+    assert ev.tasks == ["perplexity", "cloze", "generation"] and ev.approved_alias == "candidate-approved"
+    assert ev.regression.enabled and ev.regression.baseline_alias == "champion"
+    assert ev.regression.metrics == {"bits_per_byte": "lower", "cloze_acc": "higher", "rouge_l": "higher"}
+    assert ev.safety.enabled and not ev.resources.enabled and not ev.human_approval.required
+    path.write_text(base + "evaluation:\n  tasks: [perplexity]\n")
+    with pytest.raises(RecipeError, match="cloze_acc"):
+        load_recipe(path)
+    path.write_text(base + "evaluation:\n  regression: {margins: {rouge_l: 0.1, acc: 0.1}}\n")
+    with pytest.raises(RecipeError, match="margins"):
+        load_recipe(path)
+
+
+def test_human_approval_puts_a_person_between_gate_and_promotion(tmp_path):
+    from llmops_provider.dag_factory import build_lifecycle_dags
+
+    path = tmp_path / "r.yaml"
+    path.write_text("name: r-one\ndata:\n  sources: [{path: /x}]\nevaluation:\n  human_approval: {required: true}\n")
+    dag = build_lifecycle_dags(path)["r-one_evaluate"]
+    assert set(dag.task_dict) == {"evaluate", "approve", "promote"}
+    assert dag.task_dict["approve"].upstream_task_ids == {"evaluate"}
+    assert dag.task_dict["promote"].upstream_task_ids == {"approve"}
+    assert [o.uri for o in dag.task_dict["promote"].outlets] == ["llmops://r-one/approved"]
+    assert not dag.task_dict["evaluate"].outlets and dag.task_dict["evaluate"].promote is False
+    assert "approval_body" in dag.task_dict["approve"].body
+    path.write_text("name: r-one\ndata:\n  sources: [{path: /x}]\n")
+    dag = build_lifecycle_dags(path)["r-one_evaluate"]
+    assert list(dag.task_dict) == ["evaluate"] and dag.task_dict["evaluate"].promote is True
+
+
+def test_approval_body_lists_judged_metrics_and_links():
+    from llmops_provider.operators.evaluation import approval_body, report_url
+
+    body = _report_body()
+    url = report_url("http://127.0.0.1:5000", "3", "abc")
+    assert url == "http://127.0.0.1:5000/#/experiments/3/runs/abc/artifacts"
+    assert report_url("sqlite:///x.db", "3", "abc") is None
+    text = approval_body({**body, "html_path": "/r/report.html", "report_url": url})
+    for needle in ("m<x> v7", "v6", "| perplexity | 420 |", "| rouge_l |", "regressed", "/r/report.html", url):
+        assert needle in text, needle

@@ -271,3 +271,138 @@ class TestMonitorOperator:
             op.execute({"ti": ti})
         assert pushed["return_value"]["status"] == "unreachable"
         assert pushed["return_value"]["new_data"] is True  # still decided and published
+
+
+class TestWatchers:
+    def test_watch_conditions_from_slos(self):
+        slos = SLOs(ttft_p95_seconds=1.0, e2e_latency_p95_seconds=None, error_rate=0.1, min_generation_tokens_per_s=5,
+                    max_queue_length=8, max_kv_cache_usage=0.9)
+        conds = {c["name"]: c for c in monitoring.watch_conditions("m", slos, "2m")}
+        assert set(conds) == {"ttft_p95_seconds", "error_rate", "min_generation_tokens_per_s", "max_queue_length",
+                              "max_kv_cache_usage"}
+        assert conds["ttft_p95_seconds"] == {"name": "ttft_p95_seconds", "op": ">", "threshold": 1.0,
+                                             "query": vllm_queries("m", "2m")["ttft_p95_seconds"]}
+        # a lower bound only has a sample while there is traffic: an idle model never fires it
+        low = conds["min_generation_tokens_per_s"]
+        assert low["op"] == "<" and low["query"].endswith('and on() (sum(increase(vllm:request_success_total{model_name="m"}[2m])) > 0)')
+        assert "vllm:num_requests_waiting" in conds["max_queue_length"]["query"]
+        assert "vllm:kv_cache_usage_perc" in conds["max_kv_cache_usage"]["query"]
+
+    def test_latch_fires_once_per_incident(self):
+        from llmops_provider.triggers.watchers import IncidentLatch
+
+        latch = IncidentLatch(hold_for_s=10, rearm_after_s=100)
+        assert [latch.update(True, t) for t in (0, 5)] == [None, None]
+        assert latch.update(False, 8) is None  # a break resets the hold
+        assert [latch.update(True, t) for t in (9, 15)] == [None, None]
+        assert latch.update(True, 19) == 10
+        assert [latch.update(True, t) for t in (20, 500, 1000)] == [None] * 3  # persists: silent
+        assert latch.update(False, 1001) is None  # cleared after the re-arm delay: armed again
+        assert latch.update(True, 1002) is None and latch.update(True, 1012) == 10
+        quick = IncidentLatch(hold_for_s=0, rearm_after_s=100)
+        assert quick.update(True, 0) == 0 and quick.update(False, 50) is None and quick.update(True, 60) is None
+
+    @pytest.mark.parametrize("cls", ["PromQLWatchTrigger", "FeedbackWatchTrigger"])
+    def test_event_triggers_serialize_primitives(self, cls):
+        from airflow.triggers.base import BaseEventTrigger
+
+        from llmops_provider.triggers import watchers
+
+        kwargs = ({"name": "x", "query": "vector(1)", "op": ">", "threshold": 0} if cls == "PromQLWatchTrigger"
+                  else {"path": "/f", "landed_path": "/l", "min_records": 3})
+        trigger = getattr(watchers, cls)(**kwargs)
+        assert isinstance(trigger, BaseEventTrigger)
+        classpath, kw = trigger.serialize()
+        assert classpath == f"llmops_provider.triggers.watchers.{cls}"
+        assert json.loads(json.dumps(kw)) == kw
+        assert all(v is None or isinstance(v, (str, int, float, bool)) for v in kw.values())
+        assert getattr(watchers, cls)(**kw).serialize() == (classpath, kw)
+
+    def test_monitor_dag_watch_asset_serializes_without_secrets(self, tmp_path, monkeypatch):
+        from airflow.serialization.serialized_objects import DagSerialization
+
+        from llmops_provider.dag_factory import build_lifecycle_dags
+
+        monkeypatch.setenv("AIRFLOW_CONN_PROMETHEUS_DEFAULT", json.dumps(
+            {"conn_type": "llmops_prometheus", "host": "prom", "login": "u", "password": "s3cr3t-pw"}))
+        recipe = _write(tmp_path / "r.yaml", textwrap.dedent("""\
+            name: watched
+            data: {sources: [{path: "{home}/landing/w"}]}
+            monitoring: {slos: {error_rate: null}, watchers: {enabled: true, hold_for_s: 60}}
+        """))
+        dag = build_lifecycle_dags(recipe)["watched_monitor"]
+        asset = dag.timetable.asset_condition
+        assert asset.uri == "llmops://watched/watch"
+        assert [w.name for w in asset.watchers] == ["watched-ttft_p95_seconds", "watched-e2e_latency_p95_seconds",
+                                                    "watched-feedback"]
+        assert asset.watchers[0].trigger.hold_for_s == 60
+        blob = json.dumps(DagSerialization.to_dict(dag))
+        assert "PromQLWatchTrigger" in blob and "s3cr3t" not in blob and "Authorization" not in blob
+        assert "watched-feedback" in blob
+        # default: no watchers, the cron alone runs the monitor
+        plain = _write(tmp_path / "p.yaml", 'name: plain\ndata: {sources: [{path: "/x"}]}\n')
+        assert "watch" not in str(build_lifecycle_dags(plain)["plain_monitor"].timetable)
+
+
+class TestProbe:
+    def test_items_and_scores(self):
+        from llmops_provider import probe
+
+        texts = ["too short", "one two three four five six seven eight", "a b c d e f g h i j"]
+        items = probe.probe_items(texts, prompt_words=3, reference_words=4, limit=5)
+        assert items == [{"prompt": "one two three", "reference": "four five six seven"},
+                         {"prompt": "a b c", "reference": "d e f g"}]
+        assert probe.rouge_l("four five six seven", "four five six seven") == 1.0
+        assert probe.rouge_l("x y", "four five") == 0.0 and probe.rouge_l("", "a") == 0.0
+        # LCS "four six" (2 of 3 candidate, 2 of 4 reference tokens): F1 = 2*(2/3)*(1/2)/(2/3+1/2)
+        assert probe.rouge_l("four x six", "four five six seven") == pytest.approx(4 / 7)
+        assert probe.prefix_match("four five x", "four five six seven") == 0.5
+        out = probe.score(items, ["four five six seven", "nope"])
+        assert out["n"] == 2 and out["rouge_l"] == 0.5 and out["prefix_match"] == 0.5
+        with pytest.raises(ValueError):
+            probe.score(items, ["only one"])
+
+
+class TestCost:
+    def recipe(self, tmp_path, **training):
+        from llmops_provider.recipes import load_recipe
+
+        spec = {"name": "c-model", "data": {"sources": [{"path": "/x"}]}, "training": training,
+                "monitoring": {"cost": {"gpu_hour_usd": 3.0, "cpu_hour_usd": 0.1, "serving_gpus": 1}}}
+        return load_recipe(_write(tmp_path / "r.yaml", json.dumps(spec)))
+
+    def test_jobs_priced_per_dag_run_version_and_stage(self, tmp_path):
+        from llmops_provider import cost
+
+        gpu = self.recipe(tmp_path, backend="kubeflow", kubernetes={"gpus": 4, "num_nodes": 2})
+        runs = [
+            {"run_id": "t", "dag_id": "c-model_train", "airflow_run_id": "r1", "model_version": "3", "start": 0,
+             "end": 1800},
+            {"run_id": "e", "dag_id": "c-model_evaluate", "airflow_run_id": "r2", "model_version": "3", "start": 0,
+             "end": 3600},
+            {"run_id": "x", "dag_id": "c-model_train", "airflow_run_id": "r3", "start": 0, "end": None},  # running
+            {"run_id": "y", "dag_id": "c-model_monitor", "start": 0, "end": 10},  # not a job stage
+        ]
+        out = cost.job_costs(runs, gpu)
+        assert out["by_dag_run"]["c-model_train/r1"]["gpu_hours"] == 4.0  # 0.5 h x 8 GPUs
+        assert out["by_dag_run"]["c-model_train/r1"]["usd"] == 12.0
+        assert out["by_dag_run"]["c-model_evaluate/r2"]["cpu_hours"] == 1.0
+        assert out["by_model_version"]["3"] == {"hours": 1.5, "gpu_hours": 4.0, "usd": 12.1, "cpu_hours": 1.0}
+        assert set(out["by_stage"]) == {"training", "evaluation"}
+        cpu = cost.job_costs(runs[:1], self.recipe(tmp_path, world_size=2))
+        assert cpu["by_stage"]["training"] == {"hours": 0.5, "cpu_hours": 1.0, "usd": pytest.approx(0.1)}
+
+    def test_serving_and_daily_record(self, tmp_path):
+        import datetime as dt
+
+        from llmops_provider import cost
+
+        recipe = self.recipe(tmp_path)
+        serving = cost.serving_costs({"3": 120.0, "4": 60.0}, {"3": 6000.0}, recipe)
+        assert serving["3"] == {"hours": 2.0, "gpu_hours": 2.0, "usd": 6.0, "tokens": 6000.0, "tokens_per_usd": 1000.0}
+        assert serving["4"]["tokens"] == 0.0 and serving["4"]["usd"] == 3.0
+        jobs = cost.job_costs([{"run_id": "e", "dag_id": "c-model_evaluate", "start": 0, "end": 3600}], recipe)
+        record = cost.daily_record(dt.date(2026, 11, 28), jobs, serving, recipe)
+        assert record["total"] == {"cpu_hours": 1.0, "usd": pytest.approx(9.1), "gpu_hours": 3.0}
+        assert record["tokens_served"] == 6000.0 and record["tokens_per_usd"] == pytest.approx(6000 / 9.1)
+        assert record["day"] == "2026-11-28" and record["prices"]["gpu_hour_usd"] == 3.0

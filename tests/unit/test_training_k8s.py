@@ -153,6 +153,12 @@ def test_mlflow_credentials_only_by_secret_reference(pod, spec):
     assert "password" not in spec.model_dump_json().lower()
 
 
+def test_pod_tells_the_runtime_its_image(pod):
+    train = next(c for c in pod.spec.containers if c.name == "train")
+    env = {e.name: e.value for e in train.env or []}
+    assert env["LLMOPS_IMAGE"] == train.image, "the run and model version are tagged with the image"
+
+
 def test_result_comes_back_through_xcom_sidecar(pod):
     assert {c.name for c in pod.spec.containers} == {"train", "airflow-xcom-sidecar"}
 

@@ -361,6 +361,7 @@ def test_mlflow_credentials_only_by_secret_reference(obj, spec):
         assert env[key]["valueFrom"]["secretKeyRef"]["name"] == "llmops-mlflow"
     assert env["MLFLOW_TRACKING_URI"]["valueFrom"]["secretKeyRef"]["optional"] is False
     assert "password" not in spec.model_dump_json().lower()
+    assert env["LLMOPS_IMAGE"]["value"] == obj["spec"]["trainer"]["image"], "runs are tagged with the image"
 
 
 def test_identity_labels_and_deterministic_name(recipe, spec, obj):
@@ -401,7 +402,7 @@ def test_bad_name_is_refused(recipe, spec):
 # ---------------------------------------------------------------- result parsing
 
 RESULT = {"mlflow_run_id": "r1", "model_name": "tiny-llama", "model_version": "3", "dataset_commit": "ab" * 32,
-          "reused": False, "final_loss": 5.5, "val_loss": 5.9}
+          "reused": False, "final_loss": 5.5, "val_loss": 5.9, "tokens_per_s": 1234.5}
 
 
 def launcher_log(result=RESULT) -> str:

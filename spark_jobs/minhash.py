@@ -1,0 +1,226 @@
+"""Vectorized word hashing, MinHash signatures, LSH bands, exact Jaccard and clustering.
+
+Pure numpy (no Spark, no Python loop per word or per shingle): a document's bytes become
+32-bit word hashes with one prefix-sum pass, shingles are combined from shifted word-hash
+arrays, and a whole batch of documents is signed with one ``np.minimum.reduceat`` per
+chunk. Deterministic across processes and machines (no ``hash()``, fixed seeds).
+
+Words are runs of ASCII letters/digits or non-ASCII bytes, lowercased (ASCII): the text
+``"Hello, World!"`` has the words ``hello`` and ``world``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+_P = np.uint32(0x01000193)  # FNV prime: odd, so invertible mod 2**32
+_P_INV = np.uint32(pow(0x01000193, -1, 1 << 32))
+_MIX = np.uint32(0x9E3779B1)
+_MAX_U32 = np.uint32(0xFFFFFFFF)
+
+# byte -> 1 when it belongs to a word; ASCII upper -> lower
+_WORD_BYTE = np.zeros(256, dtype=bool)
+for _c in b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789":
+    _WORD_BYTE[_c] = True
+_WORD_BYTE[128:] = True
+_LOWER = np.arange(256, dtype=np.uint32)
+_LOWER[ord("A") : ord("Z") + 1] += 32
+_POW_CACHE: dict[str, np.ndarray] = {}
+
+
+def _powers(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """P**i and P**-i mod 2**32 for i < n (grown on demand, shared by all calls)."""
+    cached = _POW_CACHE.get("p")
+    if cached is None or len(cached) < n + 1:
+        size = max(n + 1, 2 * len(cached) if cached is not None else 1 << 16)
+        with np.errstate(over="ignore"):
+            pw = np.cumprod(np.full(size, _P, dtype=np.uint32), dtype=np.uint32)
+            inv = np.cumprod(np.full(size, _P_INV, dtype=np.uint32), dtype=np.uint32)
+        _POW_CACHE["p"] = np.concatenate(([np.uint32(1)], pw[:-1]))
+        _POW_CACHE["inv"] = np.concatenate(([np.uint32(1)], inv[:-1]))
+    return _POW_CACHE["p"], _POW_CACHE["inv"]
+
+
+def word_spans(data: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(starts, ends, lowercased bytes as uint32) of the words of UTF-8 ``data``."""
+    raw = np.frombuffer(data, dtype=np.uint8)
+    if raw.size == 0:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, np.zeros(0, dtype=np.uint32)
+    inword = _WORD_BYTE[raw].astype(np.int8)
+    edges = np.diff(np.concatenate(([0], inword, [0])))
+    starts = np.flatnonzero(edges == 1)
+    ends = np.flatnonzero(edges == -1)
+    return starts, ends, _LOWER[raw]
+
+
+def word_hashes(text: str) -> np.ndarray:
+    """32-bit hash of each (lowercased) word of ``text``, in order."""
+    return word_hashes_spans(text)[0]
+
+
+def word_hashes_spans(text: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(word hashes, byte starts, byte ends) of the words of ``text``."""
+    starts, ends, low = word_spans(text.encode("utf-8"))
+    if starts.size == 0:
+        return np.zeros(0, dtype=np.uint32), starts, ends
+    pw, inv = _powers(low.size)
+    with np.errstate(over="ignore"):
+        prefix = np.concatenate(([np.uint32(0)], np.cumsum(low * pw[: low.size], dtype=np.uint32)))
+        h = (prefix[ends] - prefix[starts]) * inv[starts]
+        # mix in the length so that prefixes of a word differ, then scramble the bits
+        h = (h ^ (ends - starts).astype(np.uint32)) * _MIX
+        h ^= h >> np.uint32(15)
+    return h.astype(np.uint32), starts, ends
+
+
+def ngram_hashes(words: np.ndarray, n: int) -> np.ndarray:
+    """32-bit hash of every run of ``n`` consecutive word hashes (a text shorter than n: one shingle)."""
+    if words.size == 0:
+        return np.zeros(0, dtype=np.uint32)
+    if words.size < n:
+        n = words.size
+    count = words.size - n + 1
+    with np.errstate(over="ignore"):
+        h = np.zeros(count, dtype=np.uint32)
+        for t in range(n):  # n is the shingle size (a handful), not the text length
+            h = (h * _P) ^ words[t : t + count]
+        h *= _MIX
+        h ^= h >> np.uint32(13)
+    return h
+
+
+def shingles(text: str, n: int, words: np.ndarray | None = None) -> np.ndarray:
+    """The sorted set of 32-bit hashes of the word ``n``-grams of ``text`` (``words``: its word hashes)."""
+    return np.unique(ngram_hashes(word_hashes(text) if words is None else words, n))
+
+
+def jaccard(a: np.ndarray, b: np.ndarray) -> float:
+    """Exact Jaccard similarity of two sorted unique hash sets."""
+    if a.size == 0 and b.size == 0:
+        return 1.0
+    inter = np.intersect1d(a, b, assume_unique=True).size
+    return inter / float(a.size + b.size - inter)
+
+
+class MinHasher:
+    """``num_perm`` hash functions over 32-bit shingle hashes; signatures and LSH band keys.
+
+    A permutation is the bijection ``x -> (a_i * x + b_i) mod 2**32`` (odd ``a_i``) followed
+    by an xor-shift: pure uint32 arithmetic, 8x faster than 64-bit multiply-shift in numpy,
+    seeded so every executor agrees. Shingle hashes are already well mixed, so the family
+    behaves min-wise (the benchmark checks the estimate against exact Jaccard).
+    """
+
+    def __init__(self, num_perm: int, bands: int, rows: int, seed: int = 42) -> None:
+        if bands * rows != num_perm:
+            raise ValueError(f"bands x rows ({bands} x {rows}) must equal num_perm ({num_perm})")
+        rng = np.random.default_rng(seed)
+        self.num_perm, self.bands, self.rows = num_perm, bands, rows
+        self.a = (rng.integers(0, 1 << 31, size=(num_perm, 1), dtype=np.uint32) * np.uint32(2) + np.uint32(1)).astype(
+            np.uint32
+        )
+        self.b = rng.integers(0, 1 << 32, size=(num_perm, 1), dtype=np.uint64).astype(np.uint32)
+        self.band_mult = (rng.integers(1, 1 << 63, size=rows, dtype=np.uint64) << np.uint64(1)) | np.uint64(1)
+
+    def signatures(self, shingle_sets: Sequence[np.ndarray], chunk: int = 1 << 17) -> np.ndarray:
+        """[len(shingle_sets), num_perm] uint32 signatures; an empty set signs as all 0xFFFFFFFF."""
+        out = np.full((len(shingle_sets), self.num_perm), _MAX_U32, dtype=np.uint32)
+        docs = [i for i, s in enumerate(shingle_sets) if s.size]
+        start = 0
+        while start < len(docs):  # batches of documents totalling about `chunk` shingles
+            stop, total = start, 0
+            while stop < len(docs) and (total == 0 or total + shingle_sets[docs[stop]].size <= chunk):
+                total += shingle_sets[docs[stop]].size
+                stop += 1
+            batch = docs[start:stop]
+            values = np.concatenate([shingle_sets[i] for i in batch]).astype(np.uint32, copy=False)
+            offsets = np.cumsum([0] + [shingle_sets[i].size for i in batch[:-1]])
+            with np.errstate(over="ignore"):
+                hashed = self.a * values
+                hashed += self.b
+                hashed ^= hashed >> np.uint32(16)
+            out[batch] = np.minimum.reduceat(hashed, offsets, axis=1).T
+            start = stop
+        return out
+
+    def band_keys(self, signatures: np.ndarray) -> np.ndarray:
+        """[n_docs, bands] int64 keys: equal keys in a band make two documents candidates."""
+        n = signatures.shape[0]
+        rows = signatures.reshape(n, self.bands, self.rows).astype(np.uint64)
+        with np.errstate(over="ignore"):
+            keys = (rows * self.band_mult).sum(axis=2, dtype=np.uint64)
+            keys ^= keys >> np.uint64(29)
+        return keys.view(np.int64)
+
+
+def candidate_pairs(members: Sequence[int], max_pairs_bucket: int = 64) -> list[tuple[int, int]]:
+    """Pairs to verify in one LSH bucket (sorted member ids).
+
+    Every pair when the bucket is small; a large bucket (a template repeated thousands of
+    times) links each member to its ``max_pairs_bucket`` predecessors, which keeps chains
+    connected without a quadratic blow-up.
+    """
+    ids = sorted(set(members))
+    pairs = []
+    for j, b in enumerate(ids):
+        for a in ids[max(0, j - max_pairs_bucket) : j]:
+            pairs.append((a, b))
+    return pairs
+
+
+class UnionFind:
+    """Connected components over document keys (path halving, union by size)."""
+
+    def __init__(self) -> None:
+        self.parent: dict[int, int] = {}
+        self.size: dict[int, int] = {}
+
+    def find(self, x: int) -> int:
+        parent = self.parent
+        if x not in parent:
+            parent[x] = x
+            self.size[x] = 1
+            return x
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return
+        if self.size[ra] < self.size[rb]:
+            ra, rb = rb, ra
+        self.parent[rb] = ra
+        self.size[ra] += self.size[rb]
+
+    def components(self) -> dict[int, list[int]]:
+        groups: dict[int, list[int]] = {}
+        for x in self.parent:
+            groups.setdefault(self.find(x), []).append(x)
+        return groups
+
+
+def clusters(edges: Iterable[tuple[int, int]], rank: dict[int, tuple]) -> dict[int, int]:
+    """Connected components of the verified near-duplicate edges -> ``{removed: kept}``.
+
+    Each cluster keeps ONE document: the one with the most verified neighbours (the
+    centre of a chain, most similar to the rest), ties broken by ``rank`` (e.g. the
+    document id): the same input always keeps the same document.
+    """
+    uf, degree = UnionFind(), {}
+    for a, b in edges:
+        uf.union(a, b)
+        degree[a] = degree.get(a, 0) + 1
+        degree[b] = degree.get(b, 0) + 1
+    removed: dict[int, int] = {}
+    for members in uf.components().values():
+        keep = min(members, key=lambda m: (-degree[m], rank[m]))
+        for m in members:
+            if m != keep:
+                removed[m] = keep
+    return removed

@@ -1,0 +1,249 @@
+"""The data pipeline's document steps and MinHash dedup, without Spark (spark_jobs/steps.py, minhash.py)."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+
+import numpy as np
+import pytest
+
+from llmops_provider.recipes import (
+    C4Spec,
+    DataSpec,
+    FineWebSpec,
+    GopherQualitySpec,
+    GopherRepetitionSpec,
+    RecipeError,
+    load_recipe,
+)
+from spark_jobs import minhash
+from spark_jobs import steps as st
+
+pytestmark = pytest.mark.unit
+
+ENGLISH = (
+    "The scheduler reads every DAG file and creates the runs that are due. Each task of a run is sent to "
+    "the executor, which starts it in a worker process and reports the state back to the database. When a "
+    "task fails it is retried with a delay, and the number of retries is part of the task's arguments. The "
+    "web server shows the state of every run and lets the operator clear a task so that it runs again."
+)
+
+
+def _data(**over) -> DataSpec:
+    return DataSpec(sources=[{"path": "/tmp/x"}], **over)
+
+
+def _doc(text: str) -> st.Doc:
+    return st.Doc("d", text, "src")
+
+
+# -- parse: malformed lines are quarantined with a reason ---------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b'{"id": "a", "text": "unterminated', "invalid_json"),
+        (b'{"id": "a", "text": "caf\xe9"}', "invalid_utf8"),
+        (b"[1, 2]", "not_an_object"),
+        (b'{"id": "a", "body": "x"}', "missing_text"),
+        (b'{"id": "a", "text": null}', "missing_text"),
+        (b'{"id": "a", "text": 42}', "text_not_string"),
+        (b'{"id": ["a"], "text": "x"}', "bad_id"),
+        (b'{"id": true, "text": "x"}', "bad_id"),
+        (json.dumps({"id": "big", "text": "x" * 200}).encode(), "record_too_large"),
+    ],
+)
+def test_parse_quarantines_each_malformed_category(raw, reason):
+    doc, got = st.parse_line(raw, "src", "text", "id", max_bytes=100)
+    assert doc is None and got == reason and reason in st.PARSE_REASONS
+
+
+def test_parse_keeps_ids_and_derives_a_stable_one_when_missing():
+    doc, reason = st.parse_line(b'{"id": 7, "text": "hello"}', "src", "text", "id", 100)
+    assert reason is None and doc.id == "7" and doc.text == "hello"
+    doc, _ = st.parse_line(b'{"text": "hello"}', "src", "text", "id", 100)
+    st.assign_id(doc)
+    assert doc.id == f"doc-{st.content_hash('hello')[:16]}"
+
+
+# -- transforms --------------------------------------------------------------------------
+
+
+def test_normalize_nfc_controls_and_whitespace():
+    raw = " Cafe\u0301   with\ttabs\u0000 and   spaces  \r\n  second   line \x07 \n\n\n\nthird "
+    assert st.normalize(raw) == "Caf\u00e9 with tabs and spaces\nsecond line\n\nthird"
+
+
+def test_pii_redaction_of_each_kind():
+    text = (
+        "Mail jane.doe@example.com or call +1 415-555-0132 from 192.168.10.7 (not 1.2.3.999 or v1.2.3). "
+        "token = 'abcdEFGH1234ijklMNOP' AKIAABCDEFGHIJKLMNOP ghp_"
+        + "a" * 36
+        + " at 2001:0db8:0000:0000:0000:ff00:0042:8329"
+    )
+    doc = _doc(text)
+    st.RedactPII(["email", "ip", "phone", "key"])(doc)
+    assert "<EMAIL>" in doc.text and "jane.doe" not in doc.text
+    assert "<PHONE>" in doc.text and "555-0132" not in doc.text
+    assert doc.text.count("<IP>") == 2 and "1.2.3.999" in doc.text and "v1.2.3" in doc.text
+    assert "token = '<KEY>" in doc.text and "AKIA" not in doc.text and "ghp_" not in doc.text
+    only_email = _doc(text)
+    st.RedactPII(["email"])(only_email)
+    assert "192.168.10.7" in only_email.text and "<EMAIL>" in only_email.text
+
+
+# -- filters: published heuristics with recipe thresholds --------------------------------
+
+
+def test_gopher_quality_rules():
+    rule = st.GopherQuality(GopherQualitySpec(enabled=True))
+    assert rule(_doc(ENGLISH)) is None
+    assert rule(_doc("too few words here"))[0] == "gopher_below_min_words"
+    assert rule(_doc(" ".join(["## ### #### data"] * 30)))[0] in ("gopher_symbol_word_ratio", "gopher_alpha_words")
+    assert (
+        rule(_doc(" ".join(f"{1000 + i} {20000 + 7 * i} {300000 + 13 * i}" for i in range(40))))[0]
+        == "gopher_alpha_words"
+    )
+    no_stop = " ".join(random.Random(1).choice(["alpha", "beta", "gamma", "delta"]) for _ in range(80))
+    assert rule(_doc(no_stop))[0] == "gopher_stop_words"
+    assert (
+        st.GopherQuality(GopherQualitySpec(enabled=True, min_words=10_000))(_doc(ENGLISH))[0]
+        == "gopher_below_min_words"
+    )
+
+
+def test_gopher_repetition_rules():
+    rule = st.GopherRepetition(GopherRepetitionSpec())
+    assert rule(_doc(ENGLISH)) is None
+    assert rule(_doc("\n".join(["buy now, limited offer"] * 10 + [ENGLISH])))[0] == "gopher_dup_lines"
+    looped = ENGLISH + " " + " ".join(ENGLISH.split()[:30]) + " " + " ".join(ENGLISH.split()[:30])
+    assert rule(_doc(looped))[0].startswith(("gopher_top_", "gopher_dup_"))
+    lenient = GopherRepetitionSpec(max_dup_ngram_char_ratio={5: 0.9}, max_top_ngram_char_ratio={2: 0.9})
+    assert st.GopherRepetition(lenient)(_doc(looped)) is None
+
+
+def test_c4_drops_lines_and_documents():
+    rule = st.C4(C4Spec(enabled=True, min_sentences=2))
+    doc = _doc("A menu line\n" + ENGLISH + "\nPlease read our privacy policy for details.")
+    assert rule(doc) is None and doc.text == ENGLISH
+    assert rule(_doc(ENGLISH + " lorem ipsum dolor."))[0] == "c4_lorem_ipsum"
+    assert rule(_doc(ENGLISH + " f() { return 1; }."))[0] == "c4_curly_bracket"
+    assert rule(_doc("One sentence only."))[0] == "c4_too_few_sentences"
+
+
+def test_fineweb_rules():
+    rule = st.FineWeb(FineWebSpec(enabled=True))
+    assert rule(_doc(ENGLISH)) is None
+    assert rule(_doc("\n".join(f"item {i}" for i in range(30))))[0] == "fineweb_line_punct_ratio"
+    assert rule(_doc("\n".join(["a short line."] * 3 + [ENGLISH])))[0] in (
+        "fineweb_short_line_ratio",
+        "fineweb_dup_line_chars",
+    )
+
+
+def test_blocklist_whole_words_and_threshold(tmp_path):
+    terms_file = tmp_path / "terms.txt"
+    terms_file.write_text("# toxic terms\nBadword\n")
+    spec = _data(blocklist={"terms": ["evil phrase"], "path": str(terms_file), "max_hits": 1}).blocklist
+    rule = st.Blocklist(st.blocklist_terms(spec), spec.max_hits)
+    assert rule(_doc("a badword once is tolerated")) is None
+    assert rule(_doc("badword and an Evil Phrase"))[0] == "blocklisted"
+    assert rule(_doc("badwords are other words, badwordy too")) is None
+    with pytest.raises(SystemExit, match="data.blocklist.path"):
+        st.blocklist_terms(_data(blocklist={"path": str(tmp_path / "missing.txt")}).blocklist)
+
+
+def test_language_filter_uses_the_shipped_model():
+    rule = st.Language(["en"], 0.5, 2000)
+    assert rule(_doc(ENGLISH)) is None
+    german = "Der Planer liest jede Datei und erzeugt die Läufe, die fällig sind. Jede Aufgabe wird wiederholt."
+    reason, detail = rule(_doc(german))
+    assert reason == "language_not_allowed" and detail.startswith("de")
+    assert st.Language([], 0.5, 2000)(_doc(german)) is None  # [] keeps every language
+
+
+def test_run_steps_reports_first_drop_and_modifying_steps():
+    steps = st.build_steps(_data(min_chars=40))
+    assert [s.name for s in steps] == ["normalize", "length", "language", "pii", "gopher_repetition"]
+    doc = _doc("  " + ENGLISH + " Write to ops@example.com.  ")
+    assert st.run_steps(doc, steps) is None and doc.modified == ["normalize", "pii"]
+    assert st.run_steps(_doc("short"), steps) == ("length", "text_too_short", "5 < 40 chars")
+    names = st.step_names(steps, _data())
+    assert names[0] == "parse" and names[-3:] == ["exact_dedup", "near_dedup", "ids"]
+
+
+def test_recipe_rejects_bands_rows_mismatch(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        "name: bad-bands\ndata:\n  sources: [{path: /x}]\n  near_dedup: {num_perm: 100, bands: 9, rows: 10}\n"
+    )
+    with pytest.raises(RecipeError, match=r"near_dedup.*bands x near_dedup.rows \(9 x 10\) must equal"):
+        load_recipe(path)
+
+
+# -- MinHash LSH ---------------------------------------------------------------------------
+
+
+def _mutate(text: str, k: int, seed: int) -> str:
+    rng = random.Random(seed)
+    words = text.split()
+    for i in rng.sample(range(len(words)), k):
+        words[i] = f"zz{rng.randrange(10**6)}"
+    return " ".join(words)
+
+
+def test_word_hashes_are_case_and_punctuation_insensitive_and_stable():
+    a = minhash.word_hashes("Hello, World! hello")
+    assert a.dtype == np.uint32 and a.size == 3 and a[0] == a[2]
+    assert (minhash.word_hashes("hello world hello") == a).all()
+    # fixed values: a change of the hash function changes every dataset version, so it must be deliberate
+    assert minhash.word_hashes("airflow").tolist() == minhash.word_hashes("AIRFLOW").tolist()
+    assert minhash.shingles("one two three", 5).size == 1  # shorter than a shingle: one shingle
+
+
+def test_exact_jaccard_and_signature_estimate():
+    base = ENGLISH * 3
+    hasher = minhash.MinHasher(100, 20, 5, seed=42)
+    for k in (2, 10, 30):
+        copy = _mutate(base, k, seed=k)
+        a, b = minhash.shingles(base, 5), minhash.shingles(copy, 5)
+        true = minhash.jaccard(a, b)
+        sig = hasher.signatures([a, b])
+        assert abs((sig[0] == sig[1]).mean() - true) < 0.2, (k, true)
+    assert minhash.jaccard(a, a) == 1.0
+    keys = hasher.band_keys(hasher.signatures([a, a.copy(), minhash.shingles("unrelated text entirely " * 9, 5)]))
+    assert keys.shape == (3, 20) and (keys[0] == keys[1]).all() and not (keys[0] == keys[2]).any()
+    with pytest.raises(ValueError, match="bands x rows"):
+        minhash.MinHasher(100, 9, 10)
+
+
+def test_bucket_pairs_are_capped_but_stay_connected():
+    assert minhash.candidate_pairs([3, 1, 2]) == [(1, 2), (1, 3), (2, 3)]
+    pairs = minhash.candidate_pairs(list(range(100)), max_pairs_bucket=2)
+    assert len(pairs) == 2 * 100 - 3 and all(b - a <= 2 for a, b in pairs)
+
+
+def test_a_chain_of_near_copies_keeps_one_document_deterministically():
+    # a-b-c-d is a chain (a and d are not similar), e-f a separate pair
+    edges = [(1, 2), (2, 3), (3, 4), (5, 6)]
+    rank = {i: (f"id-{i}",) for i in range(1, 7)}
+    removed = minhash.clusters(edges, rank)
+    kept = {1, 2, 3, 4, 5, 6} - set(removed)
+    assert kept == {2, 5}, "the most connected member (then the smallest id) is kept, one per cluster"
+    assert removed == {1: 2, 3: 2, 4: 2, 6: 5}
+    assert minhash.clusters(list(reversed(edges)), rank) == removed
+
+
+def test_exclusion_record_reasons_are_machine_readable():
+    # every drop reason is a snake_case token: dashboards group by it
+    steps = st.build_steps(
+        _data(quality={"gopher_quality": {"enabled": True}, "c4": {"enabled": True}, "fineweb": {"enabled": True}})
+    )
+    samples = ["x", ENGLISH, "\n".join(["same line"] * 20), "## " * 100, ENGLISH + " {"]
+    for text in samples:
+        dropped = st.run_steps(_doc(text), steps)
+        if dropped:
+            assert re.fullmatch(r"[a-z0-9_]+", dropped[1]), dropped
