@@ -46,10 +46,12 @@ def data():
 def test_shifted_prompts_are_separated_from_in_distribution(data):
     train, held_out, shifted = data
     limit = 0.2  # the recipe default (monitoring.drift.max_js_divergence)
+    # 80 prompts per draw: with 40, one draw of the shifted set (which grows with every Debian
+    # package installed, /usr/share/doc/*/copyright) came out at 0.198 on a machine with Chromium
     for seed in range(5):
         rnd = random.Random(seed)
-        same = evaluate_drift(as_prompts(rnd.sample(held_out, 40)), train, limit, min_prompts=30)
-        other = evaluate_drift(as_prompts(rnd.sample(shifted, 40)), train, limit, min_prompts=30)
+        same = evaluate_drift(as_prompts(rnd.sample(held_out, 80)), train, limit, min_prompts=30)
+        other = evaluate_drift(as_prompts(rnd.sample(shifted, 80)), train, limit, min_prompts=30)
         assert same["status"] == "ok", same
         assert other["status"] == "drift", other
         assert other["js"] > same["js"] + 0.04
