@@ -137,6 +137,10 @@ class NearDedupSpec(_Strict):
     threshold: float = Field(0.8, gt=0, le=1, description="exact Jaccard at or above which two documents are duplicates")
     seed: int = 42
     max_bucket_pairs: int = Field(64, ge=1, description="a bucket member is compared with at most this many others")
+    estimate_margin: float = Field(
+        0.15, ge=0, le=1,
+        description="candidates whose MinHash estimate is below threshold - margin skip the exact Jaccard check",
+    )
 
     @model_validator(mode="after")
     def _bands_rows(self) -> NearDedupSpec:

@@ -94,6 +94,7 @@ def _spark_session(master: str | None, app_name: str):
 
 DOC_FIELDS = ("status", "step", "reason", "detail", "line", "source", "id", "text", "hash")
 QUARANTINE_LINE_CHARS = 10_000  # an oversized line is kept in the quarantine as its head
+OUTPUT_PARTITION_CHARS = 16 << 20  # text per partition of the final sorted pass (driver memory bound)
 
 
 def _doc_schema():
@@ -103,6 +104,7 @@ def _doc_schema():
     fields += [
         T.StructField("modified", T.ArrayType(T.StringType())),
         T.StructField("bands", T.ArrayType(T.LongType())),
+        T.StructField("sig", T.BinaryType()),
     ]
     return T.StructType(fields)
 
@@ -121,11 +123,11 @@ def document_pass(batches, data, doc_steps, hasher):
     for batch in batches:
         raws = batch.column(0).to_pylist()
         sources = batch.column(1).to_pylist()
-        cols: dict[str, list] = {n: [] for n in (*DOC_FIELDS, "modified", "bands")}
+        cols: dict[str, list] = {n: [] for n in (*DOC_FIELDS, "modified", "bands", "sig")}
         kept_docs: list[tuple[int, object]] = []
         for raw, source in zip(raws, sources, strict=True):
             row = dict.fromkeys(DOC_FIELDS)
-            row["source"], row["modified"], row["bands"] = source, None, None
+            row["source"], row["modified"], row["bands"], row["sig"] = source, None, None, None
             if not raw.strip():
                 row["status"] = "blank"
             else:
@@ -146,9 +148,11 @@ def document_pass(batches, data, doc_steps, hasher):
                 cols[name].append(row[name])
         if hasher is not None and kept_docs:
             sets = [minhash.shingles(d.text, data.near_dedup.shingle_size, d.words()[0]) for _, d in kept_docs]
-            keys = hasher.band_keys(hasher.signatures(sets))
-            for (i, _), k in zip(kept_docs, keys, strict=True):
+            sigs = hasher.signatures(sets)
+            keys = hasher.band_keys(sigs)
+            for (i, _), k, sig in zip(kept_docs, keys, sigs, strict=True):
                 cols["bands"][i] = k.tolist()
+                cols["sig"][i] = sig.tobytes()
         yield pa.RecordBatch.from_pydict(cols, schema=_arrow_schema())
 
 
@@ -158,29 +162,45 @@ def _arrow_schema():
     return pa.schema(
         [pa.field(n, pa.string()) for n in DOC_FIELDS]
         + [pa.field("modified", pa.list_(pa.string())), pa.field("bands", pa.list_(pa.int64()))]
+        + [pa.field("sig", pa.binary())]
     )
 
 
-def _verify_pairs(batches, shingle_size: int, threshold: float):
-    """Arrow batches of candidate pairs with both texts -> the pairs at or above ``threshold``."""
+def _verify_components(batches, shingle_size: int, threshold: float, max_pairs: int, min_estimate: float):
+    """Arrow batches of (comp, rid, text, bands, sig), sorted by comp -> verified edges (a, b, jaccard).
+
+    A component's rows arrive together (the input is partitioned and sorted by ``comp``) but may
+    span batches: rows are buffered until the component changes.
+    """
+    import numpy as np
     import pyarrow as pa
 
     from spark_jobs import minhash
 
-    for batch in batches:
-        a, b = batch.column(0).to_pylist(), batch.column(1).to_pylist()
-        ta, tb = batch.column(2).to_pylist(), batch.column(3).to_pylist()
-        out_a, out_b, out_j = [], [], []
-        for x, y, sx, sy in zip(a, b, ta, tb, strict=True):
-            j = minhash.jaccard(minhash.shingles(sx, shingle_size), minhash.shingles(sy, shingle_size))
-            if j >= threshold:
-                out_a.append(x)
-                out_b.append(y)
-                out_j.append(j)
-        yield pa.RecordBatch.from_pydict(
-            {"a": out_a, "b": out_b, "jaccard": out_j},
-            schema=pa.schema([("a", pa.int64()), ("b", pa.int64()), ("jaccard", pa.float64())]),
+    schema = pa.schema([("a", pa.int64()), ("b", pa.int64()), ("jaccard", pa.float64())])
+    current, rids, texts, bands, sigs = None, [], [], [], []
+
+    def flush():
+        sig = np.frombuffer(b"".join(sigs), dtype=np.uint32).reshape(len(sigs), -1)
+        edges, _, _ = minhash.component_edges(rids, texts, sig, bands, shingle_size, threshold, max_pairs, min_estimate)
+        return pa.RecordBatch.from_pydict(
+            {"a": [e[0] for e in edges], "b": [e[1] for e in edges], "jaccard": [e[2] for e in edges]}, schema=schema
         )
+
+    for batch in batches:
+        comps, rs = batch.column(0).to_pylist(), batch.column(1).to_pylist()
+        ts, bs, ss = batch.column(2).to_pylist(), batch.column(3).to_pylist(), batch.column(4).to_pylist()
+        for comp, rid, text, keys, sig in zip(comps, rs, ts, bs, ss, strict=True):
+            if comp != current:
+                if rids:
+                    yield flush()
+                current, rids, texts, bands, sigs = comp, [], [], [], []
+            rids.append(rid)
+            texts.append(text)
+            bands.append(keys)
+            sigs.append(sig)
+    if rids:
+        yield flush()
 
 
 def near_duplicates(spark, ok, spec, log) -> tuple[list[tuple[int, int, str]], dict]:
@@ -188,38 +208,54 @@ def near_duplicates(spark, ok, spec, log) -> tuple[list[tuple[int, int, str]], d
 
     ``rid`` here is a key derived from the content hash (unique after exact dedup), so
     bucket order, candidate pairs and the kept document do not depend on how Spark
-    partitioned the input. Only (band, key, rid) rows are shuffled to find candidates;
-    texts move only for the candidate pairs, which are verified with exact Jaccard
-    before anything is removed.
+    partitioned the input. Three passes, texts moving at most once:
+
+    1. LSH: (band, key, rid) rows are shuffled; each bucket links its members to its smallest
+       member (integer edges, collected to the driver);
+    2. the driver finds the connected components of those edges (integers only);
+    3. the documents of each component (text and band keys, each document once) meet in one
+       task, which verifies the candidate pairs of its buckets with exact Jaccard.
     """
+    import numpy as np
+    import pyarrow as pa
+    from pyspark.sql import Window
     from pyspark.sql import functions as F
 
     from spark_jobs import minhash
 
-    buckets = (
+    bucket = Window.partitionBy("band", "key")
+    links = (
         ok.select("rid", F.posexplode("bands").alias("band", "key"))
-        .groupBy("band", "key")
-        .agg(F.collect_list("rid").alias("members"))
-        .filter(F.size("members") > 1)
-    )
-    max_pairs = spec.max_bucket_pairs
-    pairs = (
-        buckets.select("members")
-        .rdd.flatMap(lambda row: minhash.candidate_pairs(row[0], max_pairs))
-        .toDF("a long, b long")
+        .withColumn("root", F.min("rid").over(bucket))
+        .filter(F.col("rid") != F.col("root"))
+        .select("rid", "root")
         .distinct()
+        .toArrow()
     )
-    texts = ok.select("rid", "text")
-    joined = (
-        pairs.join(texts.withColumnRenamed("rid", "a").withColumnRenamed("text", "ta"), "a")
-        .join(texts.withColumnRenamed("rid", "b").withColumnRenamed("text", "tb"), "b")
-        .select("a", "b", "ta", "tb")
+    empty = {"clusters": 0, "documents_in_clusters": 0, "largest_cluster": 0, "verified_pairs": 0, "lsh_candidates": 0}
+    if links.num_rows == 0:
+        log("near_dedup: no LSH candidates")
+        return [], empty
+    ids, labels = minhash.components(links.column("rid").to_numpy(), links.column("root").to_numpy())
+    comp_sizes = np.unique(labels, return_counts=True)[1]
+    log(f"near_dedup: {ids.size} LSH candidates in {comp_sizes.size} components (largest {comp_sizes.max()})")
+    comp = spark.createDataFrame(pa.table({"rid": ids, "comp": labels}))
+    size, threshold, max_pairs = spec.shingle_size, spec.threshold, spec.max_bucket_pairs
+    min_estimate = max(0.0, threshold - spec.estimate_margin)
+    edges = (
+        ok.select("rid", "text", "bands", "sig")
+        .join(comp, "rid")
+        .repartition("comp")
+        .sortWithinPartitions("comp", "rid")
+        .select("comp", "rid", "text", "bands", "sig")
+        .mapInArrow(
+            lambda it: _verify_components(it, size, threshold, max_pairs, min_estimate), "a long, b long, jaccard double"
+        )
+        .collect()
     )
-    size, threshold = spec.shingle_size, spec.threshold
-    edges = joined.mapInArrow(lambda it: _verify_pairs(it, size, threshold), "a long, b long, jaccard double").collect()
     log(f"near_dedup: {len(edges)} verified pairs at jaccard >= {threshold}")
     if not edges:
-        return [], {"clusters": 0, "documents_in_clusters": 0, "largest_cluster": 0, "verified_pairs": 0}
+        return [], {**empty, "lsh_candidates": int(ids.size)}
     involved = sorted({e["a"] for e in edges} | {e["b"] for e in edges})
     names = {
         r["rid"]: (r["id"], r["source"] or "", r["hash"])
@@ -232,6 +268,7 @@ def near_duplicates(spark, ok, spec, log) -> tuple[list[tuple[int, int, str]], d
     out = [
         (rid, keep, f"near-duplicate of {names[keep][0]} (cluster of {sizes[keep]})") for rid, keep in removed.items()
     ]
+    log(f"near_dedup: {len(removed)} near duplicates removed from {len(sizes)} clusters")
     histogram: dict[str, int] = {}
     for n in sizes.values():
         histogram[str(n)] = histogram.get(str(n), 0) + 1
@@ -241,6 +278,7 @@ def near_duplicates(spark, ok, spec, log) -> tuple[list[tuple[int, int, str]], d
         "largest_cluster": max(sizes.values()),
         "cluster_sizes": dict(sorted(histogram.items(), key=lambda kv: int(kv[0]))),
         "verified_pairs": len(edges),
+        "lsh_candidates": int(ids.size),
     }
 
 
@@ -301,7 +339,7 @@ def prepare(
     clusters = None
     if nd.enabled:
         ok = ok.withColumn("nkey", F.conv(F.substring("hash", 1, 15), 16, 10).cast("long"))
-        candidates = ok.select(F.col("nkey").alias("rid"), "id", "source", "hash", "text", "bands")
+        candidates = ok.select(F.col("nkey").alias("rid"), "id", "source", "hash", "text", "bands", "sig")
         near, clusters = near_duplicates(spark, candidates, nd, log)
         if near:
             near_df = spark.createDataFrame(
@@ -351,7 +389,7 @@ def prepare(
             .when(F.col("status") == "quarantined", "quarantine")
             .when(F.col("status") == "excluded", "excluded"),
         )
-        .drop("r_step", "r_reason", "r_detail", "bands")
+        .drop("r_step", "r_reason", "r_detail", "bands", "sig")
         .persist(StorageLevel.MEMORY_AND_DISK)
     )
 
@@ -362,6 +400,7 @@ def prepare(
     )
     modified = dict(outcome.select(F.explode("modified").alias("step")).groupBy("step").count().collect())
     stats = _stats(counts, modified, names, input_lines)
+    log(f"outcomes counted: {stats['kept']} kept, {stats['excluded']} excluded, {stats['quarantined']} quarantined")
     if clusters is not None:
         stats["near_dedup"] = {
             **clusters,
@@ -377,13 +416,18 @@ def prepare(
     order = F.create_map(*[x for i, n in enumerate(names) for x in (F.lit(n), F.lit(i))])
     key1 = F.when(F.col("file") == "excluded", order[F.col("step")]).otherwise(F.lit(0))
     key2 = F.when(F.col("file") == "quarantine", F.col("source")).otherwise(F.col("id"))
-    rows = outcome.filter(F.col("file").isNotNull()).orderBy("file", key1, key2, "reason", "source", "line", "hash")
+    sort_keys = ("file", key1, key2, "reason", "source", "line", "hash")
+    # the driver writes the files one sorted partition at a time: size partitions so that one
+    # partition (a task result held in the driver's heap) stays small whatever the corpus size
+    total_chars = sum((r["chars"] or 0) for r in counts)
+    n_parts = max(spark.sparkContext.defaultParallelism, -(-total_chars // OUTPUT_PARTITION_CHARS))
+    rows = outcome.filter(F.col("file").isNotNull()).repartitionByRange(n_parts, *sort_keys).sortWithinPartitions(*sort_keys)
     files = (*SPLITS, "quarantine", "excluded")
     handles = {n: (output_tmp / f"{n}.jsonl").open("w", encoding="utf-8", newline="\n") for n in files}
     written = dict.fromkeys(files, 0)
     try:
         cols = ("file", "id", "text", "line", "step", "reason", "detail", "source")
-        for r in rows.select(*cols).toLocalIterator(prefetchPartitions=True):
+        for r in rows.select(*cols).toLocalIterator(prefetchPartitions=False):
             if r["file"] == "quarantine":
                 rec = {"line": r["line"], "reason": r["reason"], "source": r["source"]}
             elif r["file"] == "excluded":
@@ -402,6 +446,7 @@ def prepare(
     finally:
         for fh in handles.values():
             fh.close()
+    log(f"wrote {sum(written.values())} records: {written}")
     _check_accounting(stats, written)
     packed = None
     if tokenizer is not None and tokenizer.pack:
@@ -523,7 +568,7 @@ def main(argv: list[str] | None = None) -> int:
     scratch = Path(tempfile.mkdtemp(prefix="llmops-prepare-"))
     _ship_modules(spark, scratch)
     try:
-        log = lambda m: print(f"prepare_corpus: {m}", flush=True)  # noqa: E731
+        log = lambda m: print(f"prepare_corpus: [{time.time() - started:6.1f}s] {m}", flush=True)  # noqa: E731
         stats, packed = prepare(
             spark, inputs, recipe.data, tmp, doc_steps, log, tokenizer=recipe.tokenizer, seq_len=recipe.training.seq_len
         )

@@ -226,6 +226,30 @@ def test_bucket_pairs_are_capped_but_stay_connected():
     assert len(pairs) == 2 * 100 - 3 and all(b - a <= 2 for a, b in pairs)
 
 
+def test_lsh_components_are_the_connected_components_labelled_by_their_smallest_id():
+    # 10-20-30 is a chain given out of order, 7-8 a pair, 40 links to 30 through a long id
+    ids, labels = minhash.components(np.array([30, 8, 20, 1 << 60]), np.array([20, 7, 10, 30]))
+    assert dict(zip(ids.tolist(), labels.tolist(), strict=True)) == {
+        7: 7, 8: 7, 10: 10, 20: 10, 30: 10, 1 << 60: 10,
+    }
+
+
+def test_component_edges_prefilter_by_estimate_loses_no_true_pair():
+    base = ENGLISH * 3
+    texts = [base] + [_mutate(base, k, seed=k) for k in (1, 2, 3, 40, 60)] + ["unrelated words " * 40]
+    hasher = minhash.MinHasher(100, 20, 5, seed=42)
+    sets = [minhash.shingles(t, 5) for t in texts]
+    sigs = hasher.signatures(sets)
+    bands = [np.zeros(20, dtype=np.int64).tolist() for _ in texts]  # one bucket: every pair is a candidate
+    rids = [11, 12, 13, 14, 15, 16, 17]
+    exact, n_pairs, n_checked = minhash.component_edges(rids, texts, sigs, bands, 5, 0.8, 64, min_estimate=0.0)
+    assert n_pairs == n_checked == 21
+    truth = {(rids[i], rids[j]) for i in range(7) for j in range(i + 1, 7) if minhash.jaccard(sets[i], sets[j]) >= 0.8}
+    assert {(a, b) for a, b, _ in exact} == truth and len(truth) >= 3
+    fast, n_pairs, n_checked = minhash.component_edges(rids, texts, sigs, bands, 5, 0.8, 64, min_estimate=0.65)
+    assert fast == exact and n_checked < n_pairs, "the estimate skips dissimilar pairs, never a true one"
+
+
 def test_a_chain_of_near_copies_keeps_one_document_deterministically():
     # a-b-c-d is a chain (a and d are not similar), e-f a separate pair
     edges = [(1, 2), (2, 3), (3, 4), (5, 6)]
