@@ -74,6 +74,20 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+BROADCAST_MAX_ROWS = 2_000_000  # removal lists up to this size are broadcast to the tasks holding texts
+
+
+def _small(frame, rows: int):
+    """``frame`` with a broadcast hint when it has at most ``BROADCAST_MAX_ROWS`` rows.
+
+    Joining the documents (with their texts) against a list of removed ids would otherwise
+    shuffle every text; beyond the limit a shuffle join is the safer plan.
+    """
+    from pyspark.sql import functions as F
+
+    return F.broadcast(frame) if rows <= BROADCAST_MAX_ROWS else frame
+
+
 def _spark_session(master: str | None, app_name: str):
     from pyspark.sql import SparkSession
 
@@ -103,31 +117,26 @@ def _doc_schema():
     fields = [T.StructField(n, T.StringType()) for n in DOC_FIELDS]
     fields += [
         T.StructField("modified", T.ArrayType(T.StringType())),
-        T.StructField("bands", T.ArrayType(T.LongType())),
-        T.StructField("sig", T.BinaryType()),
     ]
     return T.StructType(fields)
 
 
-def document_pass(batches, data, doc_steps, hasher):
+def document_pass(batches, data, doc_steps):
     """Arrow batches of (raw line bytes, source) -> one row per line with its outcome.
 
-    Runs on the executors: parse, the document steps, then MinHash band keys of the
-    surviving documents of the batch in one vectorized call.
+    Runs on the executors: parse, then the document steps.
     """
     import pyarrow as pa
 
-    from spark_jobs import minhash
     from spark_jobs.steps import assign_id, content_hash, parse_line, run_steps
 
     for batch in batches:
         raws = batch.column(0).to_pylist()
         sources = batch.column(1).to_pylist()
-        cols: dict[str, list] = {n: [] for n in (*DOC_FIELDS, "modified", "bands", "sig")}
-        kept_docs: list[tuple[int, object]] = []
+        cols: dict[str, list] = {n: [] for n in (*DOC_FIELDS, "modified")}
         for raw, source in zip(raws, sources, strict=True):
             row = dict.fromkeys(DOC_FIELDS)
-            row["source"], row["modified"], row["bands"], row["sig"] = source, None, None, None
+            row["source"], row["modified"] = source, None
             if not raw.strip():
                 row["status"] = "blank"
             else:
@@ -143,16 +152,8 @@ def document_pass(batches, data, doc_steps, hasher):
                         row.update(status="excluded", step=dropped[0], reason=dropped[1], detail=dropped[2])
                     else:
                         row.update(status="ok", hash=content_hash(doc.text))
-                        kept_docs.append((len(cols["status"]), doc))
             for name in cols:
                 cols[name].append(row[name])
-        if hasher is not None and kept_docs:
-            sets = [minhash.shingles(d.text, data.near_dedup.shingle_size, d.words()[0]) for _, d in kept_docs]
-            sigs = hasher.signatures(sets)
-            keys = hasher.band_keys(sigs)
-            for (i, _), k, sig in zip(kept_docs, keys, sigs, strict=True):
-                cols["bands"][i] = k.tolist()
-                cols["sig"][i] = sig.tobytes()
         yield pa.RecordBatch.from_pydict(cols, schema=_arrow_schema())
 
 
@@ -161,9 +162,27 @@ def _arrow_schema():
 
     return pa.schema(
         [pa.field(n, pa.string()) for n in DOC_FIELDS]
-        + [pa.field("modified", pa.list_(pa.string())), pa.field("bands", pa.list_(pa.int64()))]
-        + [pa.field("sig", pa.binary())]
+        + [pa.field("modified", pa.list_(pa.string()))]
     )
+
+
+def _signature_pass(batches, shingle_size: int, hasher):
+    """Arrow batches of (rid, text) -> (rid, LSH band keys, MinHash signature as uint32 bytes).
+
+    One vectorized signature call per batch (see :class:`spark_jobs.minhash.MinHasher`).
+    """
+    import pyarrow as pa
+
+    from spark_jobs import minhash
+
+    schema = pa.schema([("rid", pa.int64()), ("bands", pa.list_(pa.int64())), ("sig", pa.binary())])
+    for batch in batches:
+        texts = batch.column(1).to_pylist()
+        sigs = hasher.signatures([minhash.shingles(t, shingle_size) for t in texts])
+        keys = hasher.band_keys(sigs)
+        yield pa.RecordBatch.from_pydict(
+            {"rid": batch.column(0), "bands": keys.tolist(), "sig": [row.tobytes() for row in sigs]}, schema=schema
+        )
 
 
 def _verify_components(batches, shingle_size: int, threshold: float, max_pairs: int, min_estimate: float):
@@ -204,18 +223,37 @@ def _verify_components(batches, shingle_size: int, threshold: float, max_pairs: 
 
 
 def near_duplicates(spark, ok, spec, log) -> tuple[list[tuple[int, int, str]], dict]:
-    """MinHash LSH over ``ok`` (rid, id, source, hash, text, bands): ``[(rid, kept rid, detail)]`` and cluster stats.
+    """MinHash LSH over ``ok`` (rid, id, source, hash, text): ``[(rid, kept rid, detail)]`` and cluster stats.
 
     ``rid`` here is a key derived from the content hash (unique after exact dedup), so
     bucket order, candidate pairs and the kept document do not depend on how Spark
-    partitioned the input. Three passes, texts moving at most once:
+    partitioned the input. Four passes, texts moving at most once:
 
+    0. signatures of every document (vectorized per Arrow batch), kept for the next passes;
     1. LSH: (band, key, rid) rows are shuffled; each bucket links its members to its smallest
        member (integer edges, collected to the driver);
     2. the driver finds the connected components of those edges (integers only);
     3. the documents of each component (text and band keys, each document once) meet in one
        task, which verifies the candidate pairs of its buckets with exact Jaccard.
     """
+    from pyspark import StorageLevel
+
+    from spark_jobs import minhash
+
+    hasher = minhash.MinHasher(spec.num_perm, spec.bands, spec.rows, spec.seed)
+    size = spec.shingle_size
+    signed = (
+        ok.select("rid", "text")
+        .mapInArrow(lambda it: _signature_pass(it, size, hasher), "rid long, bands array<long>, sig binary")
+        .persist(StorageLevel.MEMORY_AND_DISK)
+    )
+    try:
+        return _near_duplicates(spark, ok, signed, spec, log)
+    finally:
+        signed.unpersist()
+
+
+def _near_duplicates(spark, ok, signed, spec, log) -> tuple[list[tuple[int, int, str]], dict]:
     import numpy as np
     import pyarrow as pa
     from pyspark.sql import Window
@@ -225,7 +263,7 @@ def near_duplicates(spark, ok, spec, log) -> tuple[list[tuple[int, int, str]], d
 
     bucket = Window.partitionBy("band", "key")
     links = (
-        ok.select("rid", F.posexplode("bands").alias("band", "key"))
+        signed.select("rid", F.posexplode("bands").alias("band", "key"))
         .withColumn("root", F.min("rid").over(bucket))
         .filter(F.col("rid") != F.col("root"))
         .select("rid", "root")
@@ -243,8 +281,9 @@ def near_duplicates(spark, ok, spec, log) -> tuple[list[tuple[int, int, str]], d
     size, threshold, max_pairs = spec.shingle_size, spec.threshold, spec.max_bucket_pairs
     min_estimate = max(0.0, threshold - spec.estimate_margin)
     edges = (
-        ok.select("rid", "text", "bands", "sig")
-        .join(comp, "rid")
+        ok.select("rid", "text")
+        .join(F.broadcast(comp), "rid")  # only the candidates' texts move on
+        .join(signed, "rid")
         .repartition("comp")
         .sortWithinPartitions("comp", "rid")
         .select("comp", "rid", "text", "bands", "sig")
@@ -257,9 +296,10 @@ def near_duplicates(spark, ok, spec, log) -> tuple[list[tuple[int, int, str]], d
     if not edges:
         return [], {**empty, "lsh_candidates": int(ids.size)}
     involved = sorted({e["a"] for e in edges} | {e["b"] for e in edges})
+    wanted = spark.createDataFrame(pa.table({"rid": pa.array(involved, pa.int64())}))
     names = {
         r["rid"]: (r["id"], r["source"] or "", r["hash"])
-        for r in ok.filter(F.col("rid").isin(involved)).select("rid", "id", "source", "hash").collect()
+        for r in ok.select("rid", "id", "source", "hash").join(F.broadcast(wanted), "rid").collect()
     }
     removed = minhash.clusters(((e["a"], e["b"]) for e in edges), names)
     sizes: dict[int, int] = {}
@@ -283,40 +323,49 @@ def near_duplicates(spark, ok, spec, log) -> tuple[list[tuple[int, int, str]], d
 
 
 def prepare(
-    spark, inputs: list[str], data, output_tmp: Path, doc_steps: list, log=print, tokenizer=None, seq_len: int = 0
+    spark, inputs: list[str], data, output_tmp: Path, doc_steps: list, log=print, tokenizer=None, seq_len: int = 0,
+    timings: dict[str, float] | None = None,
 ) -> tuple[dict, dict | None]:
     """Run the pipeline on ``inputs`` and write the dataset files into ``output_tmp``.
 
     Every line gets exactly one outcome: blank, quarantined (malformed, step ``parse``),
     excluded (dropped by a step, with the reason) or kept in a split. The stats count
     each step's input, output and drops by reason; the job checks that they add up and
-    that the files hold exactly what the stats say.
+    that the files hold exactly what the stats say. ``timings`` receives the wall seconds of
+    each phase (they go to ``_job.json``, never into the dataset version).
     """
     from pyspark import StorageLevel
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
-    from spark_jobs import minhash
     from spark_jobs.steps import step_names
     from spark_jobs.tokenization import pack_version
 
     names = step_names(doc_steps, data)
     nd = data.near_dedup
-    hasher = minhash.MinHasher(nd.num_perm, nd.bands, nd.rows, nd.seed) if nd.enabled else None
+    timings = {} if timings is None else timings
+    phase_started = [time.time()]
+
+    def phase(name: str) -> None:
+        now = time.time()
+        timings[name] = round(now - phase_started[0], 2)
+        phase_started[0] = now
 
     # the raw bytes of each line (a cast keeps them as read), so invalid UTF-8 is seen, not replaced
     lines = spark.read.text(inputs).select(
         F.col("value").cast("binary").alias("raw"), F.col("_metadata.file_path").alias("source")
     )
-    docs = lines.mapInArrow(lambda batches: document_pass(batches, data, doc_steps, hasher), _doc_schema()).withColumn(
+    docs = lines.mapInArrow(lambda batches: document_pass(batches, data, doc_steps), _doc_schema()).withColumn(
         "rid", F.monotonically_increasing_id()
     )
     docs = docs.persist(StorageLevel.MEMORY_AND_DISK)
     input_lines = docs.count()
     log(f"document steps done: {input_lines} lines")
+    phase("documents")
 
     ok = docs.filter(F.col("status") == "ok")
     removals = []  # small frames of (rid, step, reason, detail): only ids travel, never texts
+    n_removed = 0
     if data.dedup == "exact" or nd.enabled:
         # keep the copy with the smallest id; source/rid break ties so reruns agree. Without the
         # exact step, identical texts (Jaccard 1) are near-duplicates and removed as such.
@@ -335,20 +384,26 @@ def prepare(
             )
         ).persist(StorageLevel.MEMORY_AND_DISK)
         removals.append(exact)
-        ok = ok.join(exact.select("rid"), "rid", "left_anti")
+        n_removed = exact.count()
+        log(f"{step}: {n_removed} exact duplicates")
+        ok = ok.join(_small(exact.select("rid"), n_removed), "rid", "left_anti")
     clusters = None
     if nd.enabled:
         ok = ok.withColumn("nkey", F.conv(F.substring("hash", 1, 15), 16, 10).cast("long"))
-        candidates = ok.select(F.col("nkey").alias("rid"), "id", "source", "hash", "text", "bands", "sig")
+        candidates = ok.select(F.col("nkey").alias("rid"), "id", "source", "hash", "text")
+        phase("exact_dedup")  # lazy until here: only what near-dedup needs of it is computed by then
         near, clusters = near_duplicates(spark, candidates, nd, log)
+        phase("near_dedup")
         if near:
             near_df = spark.createDataFrame(
                 [(nkey, "near_dedup", "near_duplicate", detail) for nkey, _, detail in near],
                 "nkey long, step string, reason string, detail string",
             )
-            near_df = ok.select("rid", "nkey").join(F.broadcast(near_df), "nkey").drop("nkey")
+            near_keys = near_df.select("nkey")
+            near_df = ok.select("rid", "nkey").join(_small(near_df, len(near)), "nkey").drop("nkey")
             removals.append(near_df)
-            ok = ok.join(near_df.select("rid"), "rid", "left_anti")
+            ok = ok.join(_small(near_keys, len(near)), "nkey", "left_anti")
+            n_removed += len(near)
     # an id naming two different texts would make the splits ambiguous: keep one, exclude the rest
     by_id = Window.partitionBy("id").orderBy("hash", "source", "rid")
     removals.append(
@@ -378,7 +433,7 @@ def prepare(
     split = F.when(bucket < train_cut, "train").when(bucket < validation_cut, "validation").otherwise("test")
     is_removed = F.col("r_step").isNotNull()
     outcome = (
-        docs.join(removed, "rid", "left")
+        docs.join(_small(removed, n_removed), "rid", "left")
         .withColumn("status", F.when(is_removed, "excluded").otherwise(F.col("status")))
         .withColumn("step", F.when(is_removed, F.col("r_step")).otherwise(F.col("step")))
         .withColumn("reason", F.when(is_removed, F.col("r_reason")).otherwise(F.col("reason")))
@@ -389,7 +444,7 @@ def prepare(
             .when(F.col("status") == "quarantined", "quarantine")
             .when(F.col("status") == "excluded", "excluded"),
         )
-        .drop("r_step", "r_reason", "r_detail", "bands", "sig")
+        .drop("r_step", "r_reason", "r_detail")
         .persist(StorageLevel.MEMORY_AND_DISK)
     )
 
@@ -401,6 +456,7 @@ def prepare(
     modified = dict(outcome.select(F.explode("modified").alias("step")).groupBy("step").count().collect())
     stats = _stats(counts, modified, names, input_lines)
     log(f"outcomes counted: {stats['kept']} kept, {stats['excluded']} excluded, {stats['quarantined']} quarantined")
+    phase("outcomes")
     if clusters is not None:
         stats["near_dedup"] = {
             **clusters,
@@ -447,6 +503,7 @@ def prepare(
         for fh in handles.values():
             fh.close()
     log(f"wrote {sum(written.values())} records: {written}")
+    phase("write")
     _check_accounting(stats, written)
     packed = None
     if tokenizer is not None and tokenizer.pack:
@@ -454,6 +511,7 @@ def prepare(
         packed = pack_version(spark, kept, output_tmp, tokenizer, seq_len, log)
         stats["tokens"] = {s: {k: v[k] for k in ("documents", "document_tokens", "blocks", "tokens", "dropped_tail_tokens")}
                            for s, v in packed["splits"].items()}  # fmt: skip
+        phase("tokenize")
     outcome.unpersist()
     docs.unpersist()
     return stats, packed
@@ -569,8 +627,10 @@ def main(argv: list[str] | None = None) -> int:
     _ship_modules(spark, scratch)
     try:
         log = lambda m: print(f"prepare_corpus: [{time.time() - started:6.1f}s] {m}", flush=True)  # noqa: E731
+        timings: dict[str, float] = {}
         stats, packed = prepare(
-            spark, inputs, recipe.data, tmp, doc_steps, log, tokenizer=recipe.tokenizer, seq_len=recipe.training.seq_len
+            spark, inputs, recipe.data, tmp, doc_steps, log, tokenizer=recipe.tokenizer, seq_len=recipe.training.seq_len,
+            timings=timings,
         )
         stats = {"recipe": recipe.name, "recipe_fingerprint": recipe.fingerprint(), "input_files": inputs, **stats}
         write_data_card(tmp, stats, packed)
@@ -580,6 +640,7 @@ def main(argv: list[str] | None = None) -> int:
             "spark_version": spark.version,
             "started_at": started,
             "duration_s": round(time.time() - started, 3),
+            "timings_s": timings,
         }
         (tmp / "stats.json").write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
         (tmp / "_job.json").write_text(json.dumps(job, indent=2, sort_keys=True) + "\n")
