@@ -31,7 +31,7 @@ status:  ## what runs
 	deploy/local/stack.sh status
 
 test: setup  ## unit + integration + e2e
-	$(PYTEST) tests -m "unit or integration or e2e" --timeout=2700 $(PYTEST_ARGS)
+	$(PYTEST) tests -m "unit or integration or e2e" --timeout=2700 --durations=25 $(PYTEST_ARGS)
 
 test-unit:  ## fast tier, no engines
 	$(PYTEST) tests -m unit -q $(PYTEST_ARGS)

@@ -72,14 +72,49 @@ def watch_asset(recipe: Recipe) -> Asset:
     return Asset(uri=lineage.watch_uri(recipe.name), name=f"{recipe.name}.watch", group="llmops", watchers=watchers)
 
 
+def loop_assets(recipe: Recipe) -> dict[str, Asset]:
+    """The feedback loop's other next steps: ``llmops://<recipe>/rollback`` and ``/reevaluate``."""
+    from llmops_provider.feedback import action_uri
+
+    return {
+        action: Asset(uri=action_uri(recipe.name, action), name=f"{recipe.name}.{action}", group="llmops")
+        for action in ("rollback", "reevaluate")
+    }
+
+
+def _which_gate(recipe: Recipe):
+    """Branch of the evaluate DAG: a ``model`` event (or a manual run) -> ``evaluate``; ``reevaluate`` -> ``reevaluate``."""
+    from llmops_provider.feedback import action_uri
+
+    model_uri, reevaluate_uri = lineage.asset_uri(recipe.name, "model"), action_uri(recipe.name, "reevaluate")
+
+    @task.branch(task_id="which_gate")
+    def which_gate(**context) -> list[str]:
+        uris = {getattr(a, "uri", None) for a in list(context.get("triggering_asset_events") or {})}
+        chosen = (["evaluate"] if model_uri in uris else []) + (["reevaluate"] if reevaluate_uri in uris else [])
+        print(f"triggered by {sorted(u for u in uris if u) or 'hand'}: running {chosen or ['evaluate']}")
+        return chosen or ["evaluate"]
+
+    return which_gate()
+
+
 def _evaluate_tasks(recipe: Recipe, recipe_path: str, approved: Asset) -> None:
-    """The gate; with ``evaluation.human_approval.required``: gate >> approval (HITL) >> promote."""
+    """The gate; with ``evaluation.human_approval.required``: gate >> approval (HITL) >> promote.
+
+    A ``reevaluate`` event (the monitor's) runs ``reevaluate`` instead: the champion re-judged by the
+    same gate, recorded, alerted on failure, never demoted (``operators/loop.py``).
+    """
     from llmops_provider.operators.evaluation import LMEvalGateOperator, PromoteApprovedModelOperator
+    from llmops_provider.operators.loop import ReEvaluateChampionOperator
 
     ev = recipe.evaluation
     timeout = dt.timedelta(minutes=ev.timeout_minutes + 10)  # the job's own timeout fires first
+    route = _which_gate(recipe)
+    route >> ReEvaluateChampionOperator(task_id="reevaluate", recipe_path=recipe_path, execution_timeout=timeout)
     if not ev.human_approval.required:
-        LMEvalGateOperator(task_id="evaluate", recipe_path=recipe_path, outlets=[approved], execution_timeout=timeout)
+        route >> LMEvalGateOperator(
+            task_id="evaluate", recipe_path=recipe_path, outlets=[approved], execution_timeout=timeout
+        )
         return
     from airflow.providers.standard.operators.hitl import ApprovalOperator
 
@@ -95,7 +130,7 @@ def _evaluate_tasks(recipe: Recipe, recipe_path: str, approved: Asset) -> None:
            if ev.human_approval.assigned_users else {}),
     )
     promote = PromoteApprovedModelOperator(task_id="promote", recipe_path=recipe_path, outlets=[approved])
-    gate >> approve >> promote
+    route >> gate >> approve >> promote
 
 
 def _cron(expr: str) -> CronTriggerTimetable:
@@ -204,9 +239,10 @@ def build_lifecycle_dags(recipe_path: str | Path) -> dict[str, DAG]:
         )
     dags[train_dag.dag_id] = train_dag
 
+    loop = loop_assets(recipe)
     with DAG(
         f"{name}_evaluate",
-        schedule=[assets["model"]],
+        schedule=(assets["model"] | loop["reevaluate"]),  # a new version, or the monitor re-judging the champion
         description=f"{name}: lm-eval tasks, safety suite and champion comparison, gated by the recipe's policy",
         doc_md="Publishes the full report (MLflow eval run, `eval/report.html`), then passes (alias "
         f"`{recipe.evaluation.approved_alias}`, the approved asset) or fails closed."
@@ -238,32 +274,9 @@ def build_lifecycle_dags(recipe_path: str | Path) -> dict[str, DAG]:
         description=f"{name}: SLOs from Prometheus and new data; requests retraining when needed",
         **{**common, "default_args": {**common["default_args"], "retries": 0}},
     ) as monitor_dag:
-        check = MonitorOperator(task_id="check", recipe_path=recipe_path)
-
-        @task.short_circuit(task_id="needs_retrain")
-        def needs_retrain(result: dict, **context) -> bool:
-            import json
-            import time
-
-            from llmops_provider import feedback
-            from llmops_provider.compat import Variable
-
-            if not result:
-                return False
-            # one incident, one run: a data run already queued or running takes the request; what it
-            # did not read is still "new" at the next check (the processed fingerprint differs)
-            if result.get("retrain"):
-                in_flight = context["ti"].get_dr_count(dag_id=f"{name}_data", states=["queued", "running"])
-                if in_flight:
-                    print(f"{in_flight} {name}_data run(s) already queued or running: not requesting another")
-                    return False
-            # and a persisting incident (or a second one within the cool-down) asks only once
-            key = feedback.retrain_gate_variable(name)
-            state = json.loads(Variable.get(key, default=None) or "{}")
-            allow, state, why = feedback.gate_monitor_result(result, state, time.time())
-            Variable.set(key, json.dumps(state))
-            print(f"retrain gate: {why}")
-            return allow
+        probe_on = recipe.monitoring.probe.enabled
+        check = MonitorOperator(task_id="check", recipe_path=recipe_path, probe_task_id="probe" if probe_on else None,
+                                trigger_rule="all_done")  # a failed probe must not stop the check
 
         @task(task_id="request_retrain", outlets=[assets["retrain"]])
         def request_retrain(result: dict, **context) -> dict:
@@ -275,14 +288,93 @@ def build_lifecycle_dags(recipe_path: str | Path) -> dict[str, DAG]:
             return extra
 
         result = check.output
-        needs_retrain(result) >> request_retrain(result)
-        if recipe.monitoring.probe.enabled:
+        _loop_gate(name, "retrain", [f"{name}_data"])(result) >> request_retrain(result)
+        # rollback: not while a deploy or another rollback moves traffic; re-evaluation: not while a
+        # new version is on its way (it is evaluated on the newest data anyway)
+        _loop_gate(name, "rollback", [f"{name}_deploy", f"{name}_rollback"])(result) >> _loop_request(
+            name, "rollback", loop["rollback"])(result)
+        _loop_gate(name, "reevaluate", [f"{name}_{s}" for s in ("data", "train", "evaluate", "deploy")])(
+            result) >> _loop_request(name, "reevaluate", loop["reevaluate"])(result)
+        if probe_on:
             from llmops_provider.operators.monitoring import ProbeEvalOperator
 
-            ProbeEvalOperator(task_id="probe", recipe_path=recipe_path)
+            ProbeEvalOperator(task_id="probe", recipe_path=recipe_path) >> check
         if recipe.monitoring.cost.enabled:
             from llmops_provider.operators.monitoring import CostReportOperator
 
             CostReportOperator(task_id="cost", recipe_path=recipe_path)
     dags[monitor_dag.dag_id] = monitor_dag
+
+    from llmops_provider.operators.loop import RollbackOperator
+
+    with DAG(
+        f"{name}_rollback",
+        schedule=[loop["rollback"]],
+        description=f"{name}: roll a regressed champion back to the previous one (traffic, alias, tags, record)",
+        doc_md="Scheduled by the monitor's `rollback` asset (an SLO or probe breach soon after a promotion); "
+        "a manual run rolls the champion back to the previous champion named in the deployment record. "
+        "See docs/monitoring.md.",
+        **{**common, "default_args": {**common["default_args"], "retries": 0}},
+    ) as rollback_dag:
+        RollbackOperator(task_id="rollback", recipe_path=recipe_path, outlets=[assets["deployment"]])
+    dags[rollback_dag.dag_id] = rollback_dag
     return dags
+
+
+def _loop_gate(name: str, action: str, guard_dag_ids: list[str]):
+    """``needs_<action>``: the incident gate of one loop action (short-circuit).
+
+    Concurrency guard first (a run of ``guard_dag_ids`` queued or running takes the request), then
+    :func:`~llmops_provider.feedback.gate_monitor_result`: de-duplication and cool-down per action,
+    state in the Airflow Variable ``llmops.<recipe>.<action>_gate``.
+    """
+
+    @task.short_circuit(task_id=f"needs_{action}")
+    def needs(result: dict, **context) -> bool:
+        import json
+        import time
+
+        from llmops_provider import feedback
+        from llmops_provider.compat import Variable
+
+        if not result:
+            return False
+        # one incident, one run: a run already queued or running takes the request; what it did not
+        # handle is still "new" at the next check
+        if result.get(action):
+            for dag_id in guard_dag_ids:
+                in_flight = context["ti"].get_dr_count(dag_id=dag_id, states=["queued", "running"])
+                if in_flight:
+                    print(f"{in_flight} {dag_id} run(s) already queued or running: not requesting a {action}")
+                    return False
+        # and a persisting incident (or a second one within the cool-down) asks only once
+        key = feedback.gate_variable(name, action)
+        state = json.loads(Variable.get(key, default=None) or "{}")
+        allow, state, why = feedback.gate_monitor_result(result, state, time.time(), action)
+        Variable.set(key, json.dumps(state))
+        print(f"{action} gate: {why}")
+        return allow
+
+    return needs
+
+
+def _loop_request(name: str, action: str, asset: Asset):
+    """``request_<action>``: emit the action's asset event with the reasons and the evidence in its extra."""
+
+    @task(task_id=f"request_{action}", outlets=[asset])
+    def request(result: dict, **context) -> dict:
+        entry = (result.get("actions") or {}).get(action) or {}
+        evidence = entry.get("evidence") or {}
+        extra = {
+            f"{action}_reason": "; ".join(entry.get("reasons") or []) or "unspecified",
+            "incidents": entry.get("incidents") or {},
+            "evidence": evidence,
+            lineage.RECIPE_NAME: name,
+            lineage.MODEL_VERSION: evidence.get("from_version") or evidence.get("model_version"),
+            **lineage.airflow_ids(context),
+        }
+        print(f"requesting a {action}: {extra[f'{action}_reason']}")
+        context["outlet_events"][asset].extra = extra
+        return extra
+
+    return request

@@ -457,6 +457,42 @@ class ServingKubernetesSpec(_Strict):
     service_account: str | None = None
 
 
+_PROMPT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+class PromptSpec(_Strict):
+    """The prompt served with the model: a chat template versioned in MLflow's prompt registry.
+
+    vLLM applies it server side (``--chat-template``), so a replica is (model version, prompt
+    version) and a new prompt version rolls out through the same canary/A-B steps as a model.
+    Exactly one of ``template_file``, ``version`` and ``alias`` picks the version.
+    """
+
+    name: str = Field(description="prompt name in MLflow's prompt registry, e.g. tiny-llama-chat")
+    template_file: str | None = Field(
+        None, description="Jinja chat template; registered as a new version when its text changes "
+        "(relative to the recipe file, '{home}' allowed)")
+    version: int | None = Field(None, ge=1, description="serve this registered version")
+    alias: str | None = Field(None, description="serve the version this alias points at, e.g. champion")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _PROMPT_NAME.match(v):
+            raise ValueError(f"{v!r} is not a prompt name: use letters, digits, '.', '_' and '-', e.g. 'tiny-llama-chat'")
+        return v
+
+    @model_validator(mode="after")
+    def _one_source(self) -> PromptSpec:
+        given = [k for k in ("template_file", "version", "alias") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"deployment.prompt needs exactly one of template_file, version, alias (got {given or 'none'}); "
+                "e.g. template_file: prompts/chat.jinja"
+            )
+        return self
+
+
 class DeploymentSpec(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8011, ge=1024, le=65535, description="the router's port (nginx locally); replicas get free ports")
@@ -473,6 +509,8 @@ class DeploymentSpec(_Strict):
         0, ge=0, description="drills/tests only: delay every model step of the NEW version by this many ms")
     rollout: RolloutSpec = RolloutSpec()
     kubernetes: ServingKubernetesSpec = ServingKubernetesSpec()
+    prompt: PromptSpec | None = Field(
+        None, description="chat template (MLflow prompt registry) vLLM applies; a new version is rolled out like a model")
 
 
 class SLOs(_Strict):
@@ -550,12 +588,29 @@ class CostSpec(_Strict):
 
 
 class FeedbackLoopSpec(_Strict):
-    """How a fired condition becomes (at most) one retrain request."""
+    """How a fired condition becomes (at most) one request of the right next step: retrain, rollback, re-evaluate."""
 
     cooldown_s: float = Field(3600, ge=0, description="no second retrain request within this many seconds")
     retrain_on_drift: bool = Field(False, description="prompt drift above the threshold requests retraining")
     retrain_on_negative_feedback: bool = Field(
         False, description="negative-feedback rate above the threshold requests retraining"
+    )
+    rollback_within_s: float = Field(
+        86400, ge=0, description="an SLO/probe breach this soon after a promotion rolls back to the previous champion"
+    )
+    rollback_on_slo_breach: bool = Field(True, description="a fresh champion breaching an SLO is rolled back")
+    rollback_on_probe_breach: bool = Field(
+        True, description="a fresh champion below monitoring.probe.min_rouge_l is rolled back"
+    )
+    rollback_cooldown_s: float = Field(3600, ge=0, description="no second rollback request within this many seconds")
+    reevaluate_on_new_eval_inputs: bool = Field(
+        True, description="a new held-out split or safety prompt-set version re-evaluates the champion"
+    )
+    reevaluate_on_probe_breach: bool = Field(
+        True, description="an older champion below monitoring.probe.min_rouge_l is re-evaluated"
+    )
+    reevaluate_cooldown_s: float = Field(
+        3600, ge=0, description="no second re-evaluation request within this many seconds"
     )
 
 

@@ -37,9 +37,9 @@ def seconds(duration: str) -> float:
     return int(match.group(1)) * _UNITS[match.group(2)]
 
 
-def replica_id(recipe_name: str, version: str) -> str:
-    """One replica (set) per model version: names processes, Deployments, Prometheus targets."""
-    return f"{recipe_name}-v{version}"
+def replica_id(recipe_name: str, version: str, prompt_version: str | None = None) -> str:
+    """One replica (set) per (model version, prompt version): names processes, Deployments, Prometheus targets."""
+    return f"{recipe_name}-v{version}" + (f"-p{prompt_version}" if prompt_version else "")
 
 
 def serve_spec(
@@ -52,14 +52,20 @@ def serve_spec(
     port: int,
     inject_latency_ms: float = 0,
     artifact_path: str | None = None,
+    prompt: dict | None = None,
 ):
-    """The ServeSpec of one replica: every backend serves a version with the same package and arguments."""
+    """The ServeSpec of one replica: every backend serves a version with the same package and arguments.
+
+    ``prompt`` (``{name, version, template}``, see :func:`llmops_provider.prompts.resolve`) is the
+    chat template vLLM applies; it is part of the replica's identity.
+    """
     from llmops_provider.specs.serve import ServeSpec
 
     dep = recipe.deployment
+    prompt = prompt or {}
     return ServeSpec(
         name=recipe.name,
-        replica=replica_id(recipe.name, version),
+        replica=replica_id(recipe.name, version, prompt.get("version")),
         model_name=recipe.model_name,
         model_version=version,
         mlflow_run_id=run_id,
@@ -73,6 +79,9 @@ def serve_spec(
         startup_timeout_s=dep.startup_timeout_s,
         inject_latency_ms=inject_latency_ms,
         lineage=lineage,
+        prompt_name=prompt.get("name"),
+        prompt_version=prompt.get("version"),
+        chat_template=prompt.get("template"),
         **({"artifact_path": artifact_path} if artifact_path else {}),
     )
 
@@ -87,26 +96,65 @@ def weights_for(step: int, stable: str | None, candidate: str) -> dict[str, int]
 # --------------------------------------------------------------------------- analysis
 
 
-def version_queries(model_name: str, version: str, window: str) -> dict[str, str]:
+def version_queries(
+    model_name: str, version: str, window: str, prompt_version: str | None = None, by_prompt: bool = False
+) -> dict[str, str]:
     """The monitor's vLLM queries (``monitoring.vllm_queries``) narrowed to one model version.
 
     Every replica's series carry the ``model_version`` label its scrape target sets (a file_sd
     label locally, a pod label on Kubernetes), so canary and stable are told apart while both
-    serve the same ``model_name``.
+    serve the same ``model_name``. With ``by_prompt`` they are also narrowed by the
+    ``prompt_version`` label (``""`` matches a replica without a prompt): two replicas of one
+    model version with different prompt versions are told apart the same way.
     """
-    if not re.fullmatch(r"[A-Za-z0-9._-]+", version):
-        raise ValueError(f"model version {version!r} cannot be used as a PromQL label value")
+    for value in (version, prompt_version or "0"):
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", str(value)):
+            raise ValueError(f"version {value!r} cannot be used as a PromQL label value")
     base = f'model_name="{model_name}"'
     narrowed = f'{base},model_version="{version}"'
+    if by_prompt:
+        narrowed += f',prompt_version="{prompt_version or ""}"'
     return {key: query.replace(base, narrowed) for key, query in vllm_queries(model_name, window).items()}
 
 
-def analysis_queries(model_name: str, canary_version: str, stable_version: str | None, window: str) -> dict[str, str]:
-    """Flat ``{"canary.<key>": promql, "stable.<key>": promql}``: what the analysis trigger runs."""
-    out = {f"{CANARY}.{k}": q for k, q in version_queries(model_name, canary_version, window).items()}
+def analysis_queries(
+    model_name: str,
+    canary_version: str,
+    stable_version: str | None,
+    window: str,
+    canary_prompt: str | None = None,
+    stable_prompt: str | None = None,
+) -> dict[str, str]:
+    """Flat ``{"canary.<key>": promql, "stable.<key>": promql}``: what the analysis trigger runs.
+
+    Replicas are (model version, prompt version); the prompt label narrows the queries as soon
+    as either replica serves a prompt.
+    """
+    by_prompt = canary_prompt is not None or stable_prompt is not None
+    out = {
+        f"{CANARY}.{k}": q
+        for k, q in version_queries(model_name, canary_version, window, canary_prompt, by_prompt).items()
+    }
     if stable_version is not None:
-        out.update({f"{STABLE}.{k}": q for k, q in version_queries(model_name, stable_version, window).items()})
+        out.update(
+            {
+                f"{STABLE}.{k}": q
+                for k, q in version_queries(model_name, stable_version, window, stable_prompt, by_prompt).items()
+            }
+        )
     return out
+
+
+def replica_analysis_queries(model_name: str, candidate: dict, stable: dict | None, window: str) -> dict[str, str]:
+    """:func:`analysis_queries` for two replica dicts (``version``, optional ``prompt_version``)."""
+    return analysis_queries(
+        model_name,
+        candidate["version"],
+        stable["version"] if stable else None,
+        window,
+        candidate.get("prompt_version"),
+        (stable or {}).get("prompt_version"),
+    )
 
 
 def split_values(values: dict[str, float | None]) -> tuple[dict[str, float | None], dict[str, float | None]]:
@@ -240,18 +288,38 @@ def analyze(values: dict[str, float | None], *, slos: SLOs, rollout: RolloutSpec
     return {"verdict": FAIL if reasons else PASS, "checks": checks, "reasons": reasons}
 
 
-def ab_verdict(records: list[dict], a_version: str, b_version: str, since: str, spec: ABSpec) -> dict:
+def ab_verdict(
+    records: list[dict],
+    a_version: str,
+    b_version: str,
+    since: str,
+    spec: ABSpec,
+    a_prompt: str | None = None,
+    b_prompt: str | None = None,
+) -> dict:
     """B (the candidate) wins when its negative-feedback rate since ``since`` (ISO time) is at least
-    ``min_improvement`` below A's; each variant needs ``min_rated`` rated responses."""
+    ``min_improvement`` below A's; each variant needs ``min_rated`` rated responses.
+
+    A variant is (model version, prompt version): when either serves a prompt, a record counts
+    for a variant only if its ``prompt_version`` matches too (the gateway writes both)."""
     import datetime as dt
 
     from llmops_provider.feedback import negative_rate
 
+    by_prompt = a_prompt is not None or b_prompt is not None
+
+    def served_by(record: dict, version: str, prompt: str | None) -> bool:
+        if str(record.get("model_version")) != str(version):
+            return False
+        return not by_prompt or str(record.get("prompt_version") or "") == str(prompt or "")
+
     start = dt.datetime.fromisoformat(since)
     rates = {}
-    for variant, version in (("a", a_version), ("b", b_version)):
-        rate, n = negative_rate([r for r in records if str(r.get("model_version")) == str(version)], start)
+    for variant, version, prompt in (("a", a_version, a_prompt), ("b", b_version, b_prompt)):
+        rate, n = negative_rate([r for r in records if served_by(r, version, prompt)], start)
         rates[variant] = {"version": version, "negative_rate": rate, "rated": n}
+        if by_prompt:
+            rates[variant]["prompt_version"] = prompt
     short = [
         f"{v} (v{r['version']}) has {r['rated']} rated responses (need {spec.min_rated})"
         for v, r in rates.items()
@@ -294,8 +362,18 @@ class ServingBackend(Protocol):
     def stable(self) -> dict | None:
         """The replica now taking all traffic, or None before the first deployment."""
 
-    def start(self, version: str, run_id: str | None, lineage: dict[str, str], inject_latency_ms: float) -> dict:
-        """Start (or reuse) the replica of ``version``; returns when it is ready."""
+    def start(
+        self,
+        version: str,
+        run_id: str | None,
+        lineage: dict[str, str],
+        inject_latency_ms: float,
+        artifact_path: str | None = None,
+        prompt: dict | None = None,
+    ) -> dict:
+        """Start (or reuse) the replica of ``version`` (with ``prompt``); returns when it is ready.
+
+        The replica dict carries ``prompt_version`` (None without a prompt)."""
 
     def route(self, weights: dict[str, int], replicas: dict[str, dict]) -> None:
         """Send ``weights[id]`` percent of the traffic to each replica; in effect on return."""

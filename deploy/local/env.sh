@@ -19,6 +19,8 @@ export AIRFLOW_PORT="${AIRFLOW_PORT:-8080}"
 export MLFLOW_PORT="${MLFLOW_PORT:-5000}"
 export PROMETHEUS_PORT="${PROMETHEUS_PORT:-9090}"
 export VLLM_PORT="${VLLM_PORT:-8011}"
+export STATSD_PORT="${STATSD_PORT:-9125}"                     # UDP: Airflow's StatsD metrics
+export STATSD_EXPORTER_PORT="${STATSD_EXPORTER_PORT:-9102}"   # their Prometheus /metrics
 
 export AIRFLOW_URL="http://$LLMOPS_BIND:$AIRFLOW_PORT"
 export MLFLOW_URL="http://$LLMOPS_BIND:$MLFLOW_PORT"
@@ -64,6 +66,13 @@ fi
 # shellcheck disable=SC1090
 source "$_llmops_secrets"
 unset _llmops_secrets
+
+# Airflow's lifecycle metrics (DAG runs, task instances, scheduler, pools) over StatsD to the
+# stack's statsd exporter (deploy/prometheus/statsd-mapping.yml), which Prometheus scrapes
+export AIRFLOW__METRICS__STATSD_ON="${AIRFLOW__METRICS__STATSD_ON:-True}"
+export AIRFLOW__METRICS__STATSD_HOST=$LLMOPS_BIND
+export AIRFLOW__METRICS__STATSD_PORT=$STATSD_PORT
+export AIRFLOW__METRICS__STATSD_PREFIX=airflow
 
 # [llmops]
 export AIRFLOW__LLMOPS__HOME="$LLMOPS_HOME"

@@ -94,8 +94,33 @@ render_prometheus_config() {
     # targets/ (file_sd, relative to the rendered config) is written by the deploy stage
     mkdir -p "$LLMOPS_HOME/prometheus/data" "$LLMOPS_HOME/prometheus/targets"
     sed -e "s#127.0.0.1:9090#$LLMOPS_BIND:$PROMETHEUS_PORT#" \
+        -e "s#127.0.0.1:9102#$LLMOPS_BIND:$STATSD_EXPORTER_PORT#" \
         -e "s#\.\./prometheus/rules.yml#$ROOT/deploy/prometheus/rules.yml#" \
         "$ROOT/deploy/local/prometheus.yml" >"$LLMOPS_HOME/prometheus/prometheus.yml"
+}
+
+start_statsd_exporter() {
+    # Airflow's StatsD metrics -> Prometheus series (deploy/prometheus/statsd-mapping.yml): Prometheus'
+    # statsd_exporter when installed, else the compatible bridge in the provider (Debian 12 ships none).
+    # Optional: when it cannot start, the stack runs without lifecycle metrics.
+    if ! running statsd-exporter && port_busy "$STATSD_EXPORTER_PORT"; then
+        say "port $LLMOPS_BIND:$STATSD_EXPORTER_PORT is taken: statsd-exporter not started, no lifecycle metrics (set STATSD_EXPORTER_PORT)"
+        return
+    fi
+    local exporter=("$VENV_BIN/python" -m llmops_provider.statsd_exporter)
+    command -v statsd_exporter >/dev/null && exporter=(statsd_exporter)
+    launch statsd-exporter "${exporter[@]}" --statsd.mapping-config="$ROOT/deploy/prometheus/statsd-mapping.yml" \
+        --statsd.listen-udp="$LLMOPS_BIND:$STATSD_PORT" --statsd.listen-tcp= \
+        --web.listen-address="$LLMOPS_BIND:$STATSD_EXPORTER_PORT"
+    local started=$SECONDS
+    until http_ok "http://$LLMOPS_BIND:$STATSD_EXPORTER_PORT/metrics"; do
+        if ! running statsd-exporter || [ $((SECONDS - started)) -ge 30 ]; then
+            show_log "$LOGS/statsd-exporter.log" 10
+            say "statsd-exporter did not come up: the stack runs without lifecycle metrics"
+            return
+        fi
+        sleep 0.5
+    done
 }
 
 start() {
@@ -118,6 +143,7 @@ start() {
         --storage.tsdb.path="$LLMOPS_HOME/prometheus/data" \
         --storage.tsdb.retention.time=7d \
         --web.listen-address="$LLMOPS_BIND:$PROMETHEUS_PORT"
+    start_statsd_exporter
 
     local need_airflow=0 c
     for c in "${AIRFLOW_COMPONENTS[@]}"; do running "$c" || need_airflow=1; done
@@ -149,6 +175,7 @@ start() {
     say "  Airflow     $AIRFLOW_URL   (user admin, password $password)"
     say "  MLflow      $MLFLOW_URL"
     say "  Prometheus  $PROMETHEUS_URL"
+    say "  StatsD      udp $LLMOPS_BIND:$STATSD_PORT -> http://$LLMOPS_BIND:$STATSD_EXPORTER_PORT/metrics (Airflow lifecycle metrics)"
     say "stop with: deploy/local/stack.sh stop (make stop)"
 }
 
@@ -221,6 +248,8 @@ status() {
                 triggerer) component_healthy triggerer && health="healthy" || health="no heartbeat" ;;
                 mlflow) http_ok "$MLFLOW_URL/health" && health="healthy $MLFLOW_URL" || health="not answering" ;;
                 prometheus) http_ok "$PROMETHEUS_URL/-/ready" && health="ready $PROMETHEUS_URL" || health="not ready" ;;
+                statsd-exporter) http_ok "http://$LLMOPS_BIND:$STATSD_EXPORTER_PORT/metrics" &&
+                    health="udp $STATSD_PORT, /metrics on $STATSD_EXPORTER_PORT" || health="not answering" ;;
                 nginx-*) health="router $(curl -fsS -m 3 "http://$(sed -n 's/^ *listen \(.*\);/\1/p' \
                     "$LLMOPS_HOME/router/${name#nginx-}/nginx.conf" 2>/dev/null)/llmops-router" 2>/dev/null || echo 'not answering')" ;;
             esac

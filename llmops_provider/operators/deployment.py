@@ -55,6 +55,17 @@ def serving_backend_name(recipe) -> str:
     return config.get("serving_backend")
 
 
+def model_card_lineage(recipe, tags: dict) -> dict[str, str]:
+    """The lineage a served package's model card names, from the model version's tags."""
+    card = {
+        "dataset_commit": tags.get(lineage.DATASET_COMMIT),
+        "eval_run_id": tags.get(lineage.EVAL_RUN_ID),
+        "eval_verdict": tags.get(lineage.EVAL_VERDICT),
+        "recipe": recipe.name,
+    }
+    return {k: str(v) for k, v in card.items() if v}
+
+
 class VLLMDeployOperator(LocalJobMixin, BaseOperator):
     """Serve a registered model version with vLLM and roll it out by the recipe's strategy.
 
@@ -165,6 +176,44 @@ class VLLMDeployOperator(LocalJobMixin, BaseOperator):
         self.log.info("smoke test of %s: %r -> %r", endpoint, dep.smoke_prompt, completion)
         return completion
 
+    def _tracking_uri(self, recipe) -> str:
+        return self._mlflow(recipe).tracking_uri()
+
+    def _prompt(self, recipe, hook) -> dict | None:
+        """``deployment.prompt`` resolved to ``{name, version, template}`` (a changed template file registers a version)."""
+        spec = recipe.deployment.prompt
+        if spec is None:
+            return None
+        from llmops_provider import prompts
+
+        hook.get_client()  # credentials into the environment for mlflow.genai
+        try:
+            return prompts.resolve(
+                hook.tracking_uri(), spec, self.recipe_path, config.home(), tags={"recipe": recipe.name}
+            )
+        except ValueError as exc:
+            raise AirflowFailException(f"{exc}; {CHAMPION_ALIAS} NOT moved") from None
+
+    def _smoke_prompt(self, recipe, endpoint: str, prompt: dict) -> str:
+        """The replica renders chat requests with exactly this prompt version (vLLM's own rendering)."""
+        from llmops_provider import prompts
+
+        messages = [{"role": "user", "content": recipe.deployment.smoke_prompt}]
+        try:
+            served = prompts.served_render(endpoint, recipe.name, messages)
+        except OSError as exc:
+            raise AirflowException(
+                f"smoke test of {endpoint}: rendering a chat request with prompt {prompt['name']} "
+                f"v{prompt['version']} failed: {exc}; {CHAMPION_ALIAS} NOT moved"
+            ) from None
+        self.log.info("smoke test of %s: prompt %s v%s renders %r", endpoint, prompt["name"], prompt["version"], served)
+        return served
+
+    @staticmethod
+    def _model_changed(state) -> bool:
+        stable = state.get("stable")
+        return not stable or stable["version"] != state["candidate"]["version"]
+
     # ------------------------------------------------------------------ execute
     def execute(self, context) -> dict[str, Any]:
         recipe = self._recipe()
@@ -180,20 +229,23 @@ class VLLMDeployOperator(LocalJobMixin, BaseOperator):
                 f"{tags.get(lineage.EVAL_VERDICT)!r}, not {PASSED!r}; only versions that passed the eval gate are served"
             )
         run_id = mv.run_id or tags.get(lineage.MLFLOW_RUN_ID)
+        prompt = self._prompt(recipe, hook)
         backend = self.backend(recipe, hook)
         stable = backend.stable()
         strategy = dep.rollout.strategy
         self.log.info(
-            "deploying %s v%s (chosen by %s) from run %s; strategy %s; stable now: %s",
+            "deploying %s v%s (chosen by %s) from run %s%s; strategy %s; stable now: %s",
             recipe.model_name,
             version,
             how,
             run_id,
+            f" with prompt {prompt['name']} v{prompt['version']}" if prompt else "",
             strategy,
             stable["id"] if stable else "none",
         )
         state: dict[str, Any] = {
             "version": version,
+            "prompt": {k: prompt[k] for k in ("name", "version")} if prompt else None,
             "run_id": run_id,
             "strategy": strategy,
             "stable": stable,
@@ -204,27 +256,27 @@ class VLLMDeployOperator(LocalJobMixin, BaseOperator):
             "tags": {k: tags.get(k) for k in (lineage.DATASET_COMMIT, lineage.EVAL_RUN_ID, lineage.EVAL_VERDICT)},
         }
 
-        if stable and stable["version"] == version:  # already serving everything: idempotent re-run
+        prompt_version = prompt["version"] if prompt else None
+        if stable and (stable["version"], stable.get("prompt_version")) == (version, prompt_version):
+            # already serving everything: idempotent re-run
             self.log.info("v%s already takes all traffic at %s: nothing to roll out", version, backend.endpoint)
             state["candidate"], state["stable"], state["reused"] = stable, None, True
             return self._promote(context, state, recipe, client, backend)
 
-        lineage_card = {
-            k: str(v)
-            for k, v in {
-                "dataset_commit": tags.get(lineage.DATASET_COMMIT),
-                "eval_run_id": tags.get(lineage.EVAL_RUN_ID),
-                "eval_verdict": tags.get(lineage.EVAL_VERDICT),
-                "recipe": recipe.name,
-            }.items()
-            if v
-        }
+        lineage_card = model_card_lineage(recipe, tags)
         candidate = backend.start(
-            version, run_id, lineage_card, dep.inject_latency_ms, artifact_path=tags.get("artifact_path")
+            version,
+            run_id,
+            lineage_card,
+            dep.inject_latency_ms,
+            artifact_path=tags.get("artifact_path"),
+            **({"prompt": prompt} if prompt else {}),
         )
         state["candidate"], state["reused"] = candidate, bool(candidate.get("reused"))
         try:
             state["smoke_completion"] = self._smoke(recipe, candidate["endpoint"])
+            if prompt:
+                state["smoke_chat_prompt"] = self._smoke_prompt(recipe, candidate["endpoint"], prompt)
         except AirflowException:
             if not stable or stable["id"] != candidate["id"]:
                 backend.retire(candidate)
@@ -249,7 +301,7 @@ class VLLMDeployOperator(LocalJobMixin, BaseOperator):
         return {r["id"]: r for r in (state["stable"], state["candidate"]) if r}
 
     def _canary_step(self, context, state, recipe, backend, index: int):
-        from llmops_provider.rollout import analysis_queries, seconds, weights_for
+        from llmops_provider.rollout import replica_analysis_queries, seconds, weights_for
         from llmops_provider.triggers.rollout import RolloutWindowTrigger
 
         ro = recipe.deployment.rollout
@@ -257,7 +309,7 @@ class VLLMDeployOperator(LocalJobMixin, BaseOperator):
         weights = weights_for(ro.steps[index], stable["id"], candidate["id"])
         backend.route(weights, self._replicas(state))
         state["step"], state["weights"], state["step_started_at"] = index, weights, _now()
-        queries = analysis_queries(recipe.name, candidate["version"], stable["version"], ro.analysis_window)
+        queries = replica_analysis_queries(recipe.name, candidate, stable, ro.analysis_window)
         url, headers = self._prometheus(recipe)
         self.log.info("step %d/%d: %s; analysis in %s", index + 1, len(ro.steps), weights, ro.analysis_window)
         self.defer(
@@ -270,7 +322,7 @@ class VLLMDeployOperator(LocalJobMixin, BaseOperator):
         )
 
     def canary_step_complete(self, context, event: dict | None = None, state: dict | None = None):
-        from llmops_provider.rollout import FAIL, analysis_queries, analyze, step_record
+        from llmops_provider.rollout import FAIL, analyze, replica_analysis_queries, step_record
 
         recipe = self._recipe()
         ro = recipe.deployment.rollout
@@ -279,7 +331,7 @@ class VLLMDeployOperator(LocalJobMixin, BaseOperator):
         stable, candidate, index = state["stable"], state["candidate"], state["step"]
         weights = state["weights"]
         values = (event or {}).get("values") or {}
-        queries = analysis_queries(recipe.name, candidate["version"], stable["version"], ro.analysis_window)
+        queries = replica_analysis_queries(recipe.name, candidate, stable, ro.analysis_window)
         if not event or event.get("status") != "ok":
             result = {
                 "verdict": FAIL,
@@ -340,8 +392,15 @@ class VLLMDeployOperator(LocalJobMixin, BaseOperator):
         records, quarantined = feedback.read_feedback(path)
         if quarantined:
             self.log.warning("%d malformed feedback lines quarantined (first: %s)", len(quarantined), quarantined[0])
+        stable, candidate = state["stable"], state["candidate"]
         result = ab_verdict(
-            records, state["stable"]["version"], state["candidate"]["version"], state["step_started_at"], ab
+            records,
+            stable["version"],
+            candidate["version"],
+            state["step_started_at"],
+            ab,
+            stable.get("prompt_version"),
+            candidate.get("prompt_version"),
         )
         record = step_record(
             0, state["weights"], {"feedback": path}, result["values"], result, state["step_started_at"]
@@ -370,8 +429,15 @@ class VLLMDeployOperator(LocalJobMixin, BaseOperator):
             previous = None
         client.set_registered_model_alias(recipe.model_name, CHAMPION_ALIAS, version)
         client.set_model_version_tag(recipe.model_name, version, lineage.ENDPOINT, backend.endpoint)
-        if state["history"]:
+        if state["history"] and self._model_changed(state):
             client.set_model_version_tag(recipe.model_name, version, ROLLOUT_STATUS, PROMOTED)
+        if candidate.get("prompt_version"):
+            from llmops_provider import prompts
+
+            name, pv = candidate["prompt_name"], candidate["prompt_version"]
+            state["previous_prompt_champion"] = prompts.champion_version(self._tracking_uri(recipe), name)
+            prompts.mark_promoted(self._tracking_uri(recipe), name, pv, rolled_out=bool(state["history"]))
+            self.log.info("prompt %s v%s is %s", name, pv, CHAMPION_ALIAS)
         state["previous_champion"], state["outcome"] = previous, PROMOTED
         self.log.info("%s v%s is %s at %s", recipe.model_name, version, CHAMPION_ALIAS, backend.endpoint)
         if stable:
@@ -407,8 +473,15 @@ class VLLMDeployOperator(LocalJobMixin, BaseOperator):
         self.log.error("rolled back to %s: %s", stable["id"], "; ".join(reasons))
         version = candidate["version"]
         evidence = json.dumps({"step": state.get("step"), "weights": state.get("weights"), "reasons": reasons})
-        client.set_model_version_tag(recipe.model_name, version, ROLLOUT_STATUS, ROLLED_BACK)
-        client.set_model_version_tag(recipe.model_name, version, ROLLOUT_EVIDENCE, evidence[:4900])
+        if self._model_changed(state):  # a prompt-only candidate leaves the (champion) model version untagged
+            client.set_model_version_tag(recipe.model_name, version, ROLLOUT_STATUS, ROLLED_BACK)
+            client.set_model_version_tag(recipe.model_name, version, ROLLOUT_EVIDENCE, evidence[:4900])
+        if candidate.get("prompt_version") and candidate.get("prompt_version") != stable.get("prompt_version"):
+            from llmops_provider import prompts
+
+            prompts.mark_rolled_back(
+                self._tracking_uri(recipe), candidate["prompt_name"], candidate["prompt_version"], evidence
+            )
         state["outcome"], state["reasons"], state["rolled_back_at"] = ROLLED_BACK, reasons, _now()
         self._write_record(context, state, recipe, backend)
         self._end_history_run(client, state)
@@ -451,6 +524,8 @@ class VLLMDeployOperator(LocalJobMixin, BaseOperator):
             "alias": CHAMPION_ALIAS,
             "strategy": state["strategy"],
             "steps": [{"weights": h["weights"], "verdict": h["verdict"]} for h in state["history"]],
+            "prompt_name": candidate.get("prompt_name"),
+            "prompt_version": candidate.get("prompt_version"),
         }
         self._write_record(context, state, recipe, backend, result)
         extra = {
@@ -461,6 +536,8 @@ class VLLMDeployOperator(LocalJobMixin, BaseOperator):
             lineage.MLFLOW_RUN_ID: state["run_id"],
             lineage.EVAL_RUN_ID: state["tags"].get(lineage.EVAL_RUN_ID),
             "strategy": state["strategy"],
+            "prompt_name": candidate.get("prompt_name"),
+            "prompt_version": candidate.get("prompt_version"),
             "rollout_run_id": state.get("rollout_run_id"),
             "rollout": [
                 {"step": h["step"], "weights": h["weights"], "verdict": h["verdict"], "values": h["values"]}

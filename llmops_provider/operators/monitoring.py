@@ -1,7 +1,8 @@
 """The monitor stage: SLOs of the served model from Prometheus, plus new-data detection.
 
-Its XCom ``{status, slos, new_data, retrain, reasons}`` decides whether ``request_retrain``
-emits the retrain asset. No traffic is ``no-data``, never a breach; an unreachable
+Its XCom ``{status, slos, new_data, retrain, reasons, actions, ...}`` decides whether
+``request_retrain`` emits the retrain asset, ``request_rollback`` the rollback asset and
+``request_reevaluate`` the reevaluate asset (each behind its own incident gate). No traffic is ``no-data``, never a breach; an unreachable
 Prometheus publishes the result (status ``unreachable``) and then fails the task, so a
 monitoring outage is visible rather than silently green.
 """
@@ -22,19 +23,28 @@ class MonitorOperator(BaseOperator):
     :param retrain_on_slo_breach: also request retraining on an SLO breach; default: the recipe's
         ``monitoring.retrain_on_slo_breach`` (off by default: new weights rarely fix latency, and a
         retrain on unchanged data and recipe reuses the same model version anyway)
+    :param probe_task_id: task whose XCom holds this run's output-quality probe (``ProbeEvalOperator``);
+        its breach asks for a rollback (fresh champion) or a re-evaluation (see ``feedback.next_steps``)
+
+    Besides retraining, the result's ``actions`` say whether to roll the champion back
+    (``rollback``: an SLO or probe breach within ``monitoring.loop.rollback_within_s`` of its
+    promotion, per the deployment record) or re-evaluate it (``reevaluate``: a probe breach of an
+    older champion, or evaluation inputs it was not judged on), each with incident keys for its gate.
     """
 
     template_fields: Sequence[str] = ("recipe_path", "served_model_name")
 
     def __init__(self, *, recipe_path: str, served_model_name: str | None = None,
-                 retrain_on_slo_breach: bool | None = None, **kwargs: Any) -> None:
+                 retrain_on_slo_breach: bool | None = None, probe_task_id: str | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.recipe_path = recipe_path
         self.served_model_name = served_model_name
         self.retrain_on_slo_breach = retrain_on_slo_breach
+        self.probe_task_id = probe_task_id
 
     def execute(self, context) -> dict[str, Any]:
-        from llmops_provider import config, monitoring
+        from llmops_provider import config, feedback, monitoring
         from llmops_provider.hooks.prometheus import PrometheusError, PrometheusHook
         from llmops_provider.recipes import expand, load_recipe
 
@@ -99,15 +109,105 @@ class MonitorOperator(BaseOperator):
             if spec.loop.retrain_on_negative_feedback:
                 incidents["negative_feedback"] = "breach"
         retrain = bool(incidents)
+
+        # the other next steps: roll a fresh champion back, or re-evaluate the one serving
+        import time
+
+        record = self._deployment_record(recipe.name)
+        probe_result = self._probe_result(context)
+        changed = self._eval_inputs_changed(recipe, record, head_info)
+        actions = feedback.next_steps(
+            slo_status=result["status"], slo_reasons=list(result["reasons"]), probe=probe_result, record=record,
+            eval_inputs_changed=changed, now=time.time(), loop=spec.loop,
+        )
+        for name, action in actions.items():
+            reasons += [r for r in action["reasons"] if r not in reasons]
+            if action["incidents"]:
+                self.log.info("%s requested: %s", name, "; ".join(action["reasons"]))
+        actions["retrain"] = {"incidents": incidents, "cooldown_s": spec.loop.cooldown_s, "reasons": [], "evidence": {}}
         out = {"status": result["status"], "slos": result["slos"], "new_data": is_new, "retrain": retrain,
                "reasons": reasons, "model_name": model, "source_fingerprint": fingerprint, "incidents": incidents,
-               "cooldown_s": spec.loop.cooldown_s, "feedback": fb, "drift": drift, "watch_events": watch_events}
-        self.log.info("monitor %s: status=%s new_data=%s retrain=%s; %s", recipe.name, out["status"], is_new,
-                      retrain, "; ".join(reasons) or "all good")
+               "cooldown_s": spec.loop.cooldown_s, "feedback": fb, "drift": drift, "watch_events": watch_events,
+               "rollback": bool(actions["rollback"]["incidents"]),
+               "reevaluate": bool(actions["reevaluate"]["incidents"]), "actions": actions, "probe": probe_result,
+               "champion": (record or {}).get("model_version") if record else None}
+        self.log.info("monitor %s: status=%s new_data=%s retrain=%s rollback=%s reevaluate=%s; %s", recipe.name,
+                      out["status"], is_new, retrain, out["rollback"], out["reevaluate"],
+                      "; ".join(reasons) or "all good")
         if unreachable:
             context["ti"].xcom_push(key="return_value", value=out)
             raise AirflowException(f"monitoring unavailable: {unreachable}")
         return out
+
+    def _deployment_record(self, recipe_name: str) -> dict[str, Any] | None:
+        """``home()/deployments/<recipe>.json`` (the deploy and rollback operators write it), or None."""
+        import json
+
+        from llmops_provider import config
+
+        path = config.home() / "deployments" / f"{recipe_name}.json"
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            self.log.warning("deployment record %s unreadable (%s): no rollback or re-evaluation decided", path, exc)
+            return None
+
+    def _probe_result(self, context) -> dict[str, Any] | None:
+        ti = (context or {}).get("ti")
+        if not self.probe_task_id or ti is None:
+            return None
+        found = ti.xcom_pull(task_ids=self.probe_task_id)
+        if found:
+            self.log.info("probe: %s (ROUGE-L %s, limit %s)", found.get("status"), found.get("rouge_l"),
+                          found.get("limit"))
+        return found or None
+
+    def _eval_inputs_changed(self, recipe, record: dict[str, Any] | None, head_info) -> list[str]:
+        """What the serving champion was not evaluated on: a new held-out split, a new safety prompt set.
+
+        The champion's latest eval run (its ``reeval_run_id`` tag, else ``eval_run_id`` in the
+        deployment record) names the dataset commit (tag) and the safety prompt set and version
+        (params) it was judged on. Unknowable (no
+        record, no eval run, MLflow down) is "nothing changed", logged: never a request.
+        """
+        if not record or record.get("outcome") not in ("promoted", "restored") or not record.get("eval_run_id"):
+            return []
+        try:
+            from llmops_provider.hooks.mlflow import MLflowHook
+
+            client = MLflowHook(recipe.mlflow_conn_id).get_client()
+            # its latest evaluation: a re-evaluation (tag reeval_run_id) supersedes the admission gate's run
+            mv_tags = dict(client.get_model_version(recipe.model_name, str(record["model_version"])).tags or {})
+            run = client.get_run(mv_tags.get("reeval_run_id") or record["eval_run_id"])
+            tags, params = dict(run.data.tags), dict(run.data.params)
+        except Exception as exc:  # noqa: BLE001 - a monitoring side check: logged, never fatal
+            self.log.warning("eval inputs of champion v%s not checked: %s", record.get("model_version"), exc)
+            return []
+        changed = []
+        evaluated_on = tags.get("dataset_commit") or record.get("dataset_commit")
+        if head_info is not None and evaluated_on and head_info.commit_id != evaluated_on:
+            from llmops_provider.datasets import get_store
+
+            store = get_store()
+            old = held_out_digest(store.local_path(recipe.data.dataset_repo, evaluated_on))
+            new = held_out_digest(store.local_path(recipe.data.dataset_repo, head_info.commit_id))
+            if old != new:
+                changed.append(f"held-out split of dataset head {head_info.commit_id[:12]} "
+                               f"(evaluated on {evaluated_on[:12]})")
+        safety = recipe.evaluation.safety
+        if safety.enabled:
+            from llmops_provider.evaluation.safety import load_prompt_set
+
+            current = load_prompt_set(safety.prompt_set)
+            was = (params.get("safety_prompt_set"), params.get("safety_prompt_set_version"))
+            if was != (current.name, current.version):
+                changed.append(f"safety prompt set {current.name} {current.version} "
+                               f"(evaluated with {was[0] or 'none'} {was[1] or ''})".rstrip())
+        self.log.info("eval inputs of champion v%s: %s", record.get("model_version"),
+                      "; ".join(changed) or "unchanged")
+        return changed
 
     def _processed_fingerprint(self, recipe_name: str) -> str | None:
         from llmops_provider import lineage
@@ -181,6 +281,20 @@ class MonitorOperator(BaseOperator):
             with train.open(encoding="utf-8") as fh:
                 reference = [json.loads(line)["text"] for line in fh if line.strip()]
         return drift.evaluate_drift(prompts, reference, spec.max_js_divergence, spec.min_prompts)
+
+
+def held_out_digest(root) -> str | None:
+    """Content digest of a dataset version's held-out splits (``validation`` + ``test``); None if absent."""
+    import hashlib
+    from pathlib import Path
+
+    digest, found = hashlib.sha256(), False
+    for split in ("validation", "test"):
+        path = Path(root) / f"{split}.jsonl"
+        if path.is_file():
+            found = True
+            digest.update(split.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest() if found else None
 
 
 class ProbeEvalOperator(BaseOperator):

@@ -36,6 +36,7 @@ SPEC_DIR = "/etc/llmops"
 SPEC_ANNOTATION = "llmops.apache.org/serve-spec"
 LABEL_RECIPE = "llmops.apache.org/recipe"
 LABEL_VERSION = "llmops.apache.org/model-version"
+LABEL_PROMPT = "llmops.apache.org/prompt-version"
 LABEL_REPLICA = "llmops.apache.org/replica"
 ROLE_ANNOTATION = "llmops.apache.org/role"
 MLFLOW_SECRET = "llmops-mlflow"
@@ -47,28 +48,39 @@ def namespace_of(recipe) -> str:
 
 
 def serve_spec(
-    recipe, version: str, run_id: str | None, lineage: dict[str, str], artifact_path: str | None = None
+    recipe,
+    version: str,
+    run_id: str | None,
+    lineage: dict[str, str],
+    artifact_path: str | None = None,
+    prompt: dict | None = None,
 ) -> ServeSpec:
     """The same ServeSpec the local backend runs, with the pod's host and port."""
-    return rollout.serve_spec(recipe, version, run_id, lineage, host="0.0.0.0", port=PORT, artifact_path=artifact_path)
+    return rollout.serve_spec(
+        recipe, version, run_id, lineage, host="0.0.0.0", port=PORT, artifact_path=artifact_path, prompt=prompt
+    )
 
 
-def labels_for(recipe, version: str) -> dict[str, str]:
-    return {
+def labels_for(recipe, version: str, prompt_version: str | None = None) -> dict[str, str]:
+    rid = replica_id(recipe.name, version, prompt_version)
+    labels = {
         "app.kubernetes.io/name": "vllm",
         "app.kubernetes.io/part-of": "llmops",
-        "app.kubernetes.io/instance": replica_id(recipe.name, version),
+        "app.kubernetes.io/instance": rid,
         LABEL_RECIPE: recipe.name,
         LABEL_VERSION: str(version),
-        LABEL_REPLICA: replica_id(recipe.name, version),
+        LABEL_REPLICA: rid,
     }
+    if prompt_version:
+        labels[LABEL_PROMPT] = str(prompt_version)
+    return labels
 
 
 def build_deployment(recipe, spec: ServeSpec) -> dict[str, Any]:
     k8s = recipe.deployment.kubernetes
     name = spec.instance
-    labels = labels_for(recipe, spec.model_version)
-    model_path = f"{MODELS}/serving/{spec.name}/v{spec.model_version}/model"  # where --package-only puts it
+    labels = labels_for(recipe, spec.model_version, spec.prompt_version)
+    model_path = f"{MODELS}/serving/{spec.name}/{spec.package_key}/model"  # where --package-only puts it
     resources: dict[str, dict[str, str]] = {
         "requests": {"cpu": k8s.cpu, "memory": k8s.memory},
         "limits": {"memory": k8s.memory},
@@ -183,12 +195,16 @@ def build_deployment(recipe, spec: ServeSpec) -> dict[str, Any]:
     }
 
 
-def build_service(recipe, version: str) -> dict[str, Any]:
-    name = replica_id(recipe.name, version)
+def build_service(recipe, version: str, prompt_version: str | None = None) -> dict[str, Any]:
+    name = replica_id(recipe.name, version, prompt_version)
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": {"name": name, "namespace": namespace_of(recipe), "labels": labels_for(recipe, version)},
+        "metadata": {
+            "name": name,
+            "namespace": namespace_of(recipe),
+            "labels": labels_for(recipe, version, prompt_version),
+        },
         "spec": {
             "selector": {LABEL_REPLICA: name},
             "ports": [{"name": "http", "port": PORT, "targetPort": "http", "protocol": "TCP"}],
@@ -286,11 +302,24 @@ class KubernetesServingBackend:
                 f"no HTTPRoute {self.namespace}/{self.recipe.name} yet and no "
                 "deployment.kubernetes.hostnames: set the Gateway hostname clients use"
             )
-        return self._replica(max(weights, key=weights.get).rsplit("-v", 1)[1])["endpoint"]
+        return self._replica_of(max(weights, key=weights.get))["endpoint"]
 
-    def _replica(self, version: str) -> dict:
-        rid = replica_id(self.recipe.name, version)
-        return {"id": rid, "version": str(version), "endpoint": f"http://{rid}.{self.namespace}.svc:{PORT}"}
+    def _replica(self, version: str, prompt_version: str | None = None) -> dict:
+        rid = replica_id(self.recipe.name, version, prompt_version)
+        return {
+            "id": rid,
+            "version": str(version),
+            "prompt_version": prompt_version,
+            "prompt_name": self.recipe.deployment.prompt.name
+            if prompt_version and self.recipe.deployment.prompt
+            else None,
+            "endpoint": f"http://{rid}.{self.namespace}.svc:{PORT}",
+        }
+
+    def _replica_of(self, rid: str) -> dict:
+        """The replica of a Service name ``<recipe>-v<version>[-p<prompt version>]``."""
+        version, _, prompt_version = rid[len(self.recipe.name) + 2 :].partition("-p")
+        return self._replica(version, prompt_version or None)
 
     def _route(self) -> dict | None:
         from kubernetes.client.exceptions import ApiException
@@ -312,9 +341,9 @@ class KubernetesServingBackend:
         for svc in weights:
             meta = self._apps().read_namespaced_deployment(svc, self.namespace).metadata
             if (getattr(meta, "annotations", None) or {}).get(ROLE_ANNOTATION) == "stable":
-                return self._replica(svc.rsplit("-v", 1)[1])
+                return self._replica_of(svc)
         full = [svc for svc, w in weights.items() if w == 100]
-        return self._replica(full[0].rsplit("-v", 1)[1]) if full else None
+        return self._replica_of(full[0]) if full else None
 
     def _apply(self, create, replace, body: dict) -> None:
         from kubernetes.client.exceptions import ApiException
@@ -333,19 +362,22 @@ class KubernetesServingBackend:
         lineage: dict[str, str],
         inject_latency_ms: float = 0,
         artifact_path: str | None = None,
+        prompt: dict | None = None,
     ) -> dict:
         if inject_latency_ms:
             raise ValueError(
                 "deployment.inject_latency_ms is a local drill (runtime.fault_injection); "
                 "set it to 0 for the kubernetes backend"
             )
-        spec = serve_spec(self.recipe, version, run_id, lineage, artifact_path)
+        spec = serve_spec(self.recipe, version, run_id, lineage, artifact_path, prompt)
         apps, core = self._apps(), self._core()
         self._apply(
             apps.create_namespaced_deployment, apps.replace_namespaced_deployment, build_deployment(self.recipe, spec)
         )
         self._apply(
-            core.create_namespaced_service, core.replace_namespaced_service, build_service(self.recipe, version)
+            core.create_namespaced_service,
+            core.replace_namespaced_service,
+            build_service(self.recipe, version, spec.prompt_version),
         )
         name = spec.instance
         deadline = time.monotonic() + spec.startup_timeout_s
@@ -361,7 +393,7 @@ class KubernetesServingBackend:
                 )
             time.sleep(self.poll_s)
         log.info("Deployment %s/%s ready (%d replicas)", self.namespace, name, want)
-        return self._replica(version)
+        return self._replica(version, spec.prompt_version)
 
     def route(self, weights: dict[str, int], replicas: dict[str, dict]) -> dict:
         """Create or patch the HTTPRoute; returns once the Gateway accepted this generation."""

@@ -50,6 +50,8 @@ def write_target(replica: dict, role: str, deployment: str) -> Path:
         "model_version": str(replica["version"]),
         "role": role,
     }
+    if replica.get("prompt_version"):  # a replica is (model version, prompt version)
+        labels["prompt_version"] = str(replica["prompt_version"])
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps([{"targets": [replica["address"]], "labels": labels}], indent=2))
     tmp.replace(path)
@@ -131,10 +133,11 @@ class LocalServingBackend:
         lineage: dict[str, str],
         inject_latency_ms: float = 0,
         artifact_path: str | None = None,
+        prompt: dict | None = None,
     ) -> dict:
         from llmops_provider.runtime import serve
 
-        rid = replica_id(self.recipe.name, version)
+        rid = replica_id(self.recipe.name, version, (prompt or {}).get("version"))
         running = serve.read_state(rid)
         port = running["port"] if running else free_port(self.dep.host)
         spec = serve_spec(
@@ -146,10 +149,14 @@ class LocalServingBackend:
             port=port,
             inject_latency_ms=inject_latency_ms,
             artifact_path=artifact_path,
+            prompt=prompt,
         )
         if spec.port == self.dep.port:
             raise ValueError(f"replica port {port} collides with the router's deployment.port")
-        spec_path, out_path = self.work / f"serve-spec-v{version}.json", self.work / f"serve-result-v{version}.json"
+        spec_path, out_path = (
+            self.work / f"serve-spec-{spec.package_key}.json",
+            self.work / f"serve-result-{spec.package_key}.json",
+        )
         spec_path.write_text(spec.model_dump_json(indent=2))
         out_path.unlink(missing_ok=True)
         cmd = [
@@ -174,6 +181,8 @@ class LocalServingBackend:
             "log_path": result.get("log_path"),
             "reused": bool(result.get("reused")),
             "inject_latency_ms": inject_latency_ms,
+            "prompt_name": spec.prompt_name,
+            "prompt_version": spec.prompt_version,
         }
         state = self.state()
         state["replicas"][rid] = {**replica, "role": state["replicas"].get(rid, {}).get("role")}

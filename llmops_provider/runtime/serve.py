@@ -30,7 +30,7 @@ from pathlib import Path
 
 from llmops_provider import config
 from llmops_provider.backends.local import kill_process_group
-from llmops_provider.specs.serve import ServeSpec  # noqa: F401 - re-exported
+from llmops_provider.specs.serve import CHAT_TEMPLATE_FILE, ServeSpec  # noqa: F401 - re-exported
 
 log = logging.getLogger("llmops.serve")
 
@@ -126,6 +126,8 @@ def serving_manifest(spec: ServeSpec) -> dict:
         "served_model_name": spec.name, "max_model_len": spec.max_model_len, "dtype": spec.dtype,
         "tensor_parallel_size": spec.tensor_parallel_size, "quantization": spec.quantization,
         "extra_args": spec.extra_args,
+        "prompt": None if spec.prompt_version is None else {
+            "name": spec.prompt_name, "version": spec.prompt_version, "chat_template": CHAT_TEMPLATE_FILE},
     }
 
 
@@ -133,6 +135,8 @@ def model_card(spec: ServeSpec, model_dir: Path) -> str:
     """README.md of the package: what it is, where it came from, how to serve it."""
     cfg = json.loads((model_dir / "config.json").read_text())
     lineage = {"model": f"{spec.model_name} v{spec.model_version}", "mlflow_run_id": spec.mlflow_run_id or "-",
+               **({"prompt": f"{spec.prompt_name} v{spec.prompt_version} ({CHAT_TEMPLATE_FILE}, vLLM --chat-template)"}
+                  if spec.prompt_version else {}),
                **spec.lineage}
     rows = "\n".join(f"| {k} | {v} |" for k, v in lineage.items())
     weights = ", ".join(sorted(p.name for p in model_dir.glob("*.safetensors"))) or "-"
@@ -161,6 +165,8 @@ def package(model_dir: Path, dst: Path, spec: ServeSpec | None = None) -> Path:
     ensure_safetensors(tmp)
     ensure_generation_config(tmp)
     if spec is not None:
+        if spec.chat_template is not None:
+            (tmp / CHAT_TEMPLATE_FILE).write_text(spec.chat_template)
         (tmp / "serving.json").write_text(json.dumps(serving_manifest(spec), indent=2))
         (tmp / "README.md").write_text(model_card(spec, tmp))
     (tmp / ".packaged").write_text(str(model_dir))
@@ -171,7 +177,7 @@ def package(model_dir: Path, dst: Path, spec: ServeSpec | None = None) -> Path:
 
 def fetch_model(spec: ServeSpec) -> Path:
     """The serving copy of the model version: ``home()/serving/<name>/v<version>/model``."""
-    root = serving_dir(spec.name) / f"v{spec.model_version}"
+    root = serving_dir(spec.name) / spec.package_key
     dst = root / "model"
     if (dst / ".packaged").is_file():
         return dst
@@ -264,8 +270,9 @@ def current(spec: ServeSpec) -> dict | None:
     pid = read_pid(spec.instance)
     if not state or pid is None or state.get("pid") != pid or not _alive(pid):
         return None
-    if (str(state.get("model_version")), state.get("host"), state.get("port"), state.get("inject_latency_ms", 0)) != (
-            spec.model_version, spec.host, spec.port, spec.inject_latency_ms):
+    if (str(state.get("model_version")), state.get("prompt_version"), state.get("host"), state.get("port"),
+            state.get("inject_latency_ms", 0)) != (
+            spec.model_version, spec.prompt_version, spec.host, spec.port, spec.inject_latency_ms):
         return None
     if not healthy(spec.endpoint) or spec.name not in served_models(spec.endpoint):
         return None
@@ -335,7 +342,8 @@ def start(spec: ServeSpec) -> dict:
         "name": spec.name, "replica": spec.instance, "model_name": spec.model_name, "model_version": spec.model_version,
         "mlflow_run_id": spec.mlflow_run_id, "model_dir": str(model_dir), "host": spec.host, "port": spec.port,
         "endpoint": spec.endpoint, "pid": proc.pid, "pid_file": str(pid_file(spec.instance)), "log_path": str(log_path),
-        "inject_latency_ms": spec.inject_latency_ms,
+        "inject_latency_ms": spec.inject_latency_ms, "prompt_name": spec.prompt_name,
+        "prompt_version": spec.prompt_version,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     state_file(spec.instance).write_text(json.dumps(state, indent=2))

@@ -8,6 +8,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from llmops_provider.specs.train import MERGED_ARTIFACT_PATH
 
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+
 
 class ServeSpec(BaseModel):
     """One serving deployment: which model version, where, with which engine limits."""
@@ -33,6 +35,9 @@ class ServeSpec(BaseModel):
     startup_timeout_s: int = Field(600, ge=1)
     kv_cache_space_gb: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE")
     extra_args: list[str] = []
+    prompt_name: str | None = Field(None, description="MLflow prompt registry name of the chat template")
+    prompt_version: str | None = Field(None, description="its version: a replica is (model version, prompt version)")
+    chat_template: str | None = Field(None, description="the template text; packaged as chat_template.jinja")
 
     @property
     def endpoint(self) -> str:
@@ -42,6 +47,11 @@ class ServeSpec(BaseModel):
     def instance(self) -> str:
         return self.replica or self.name
 
+    @property
+    def package_key(self) -> str:
+        """Directory of the serving package under ``serving/<name>/``: one per (model, prompt) version."""
+        return f"v{self.model_version}" + (f"-p{self.prompt_version}" if self.prompt_version else "")
+
     def vllm_args(self, model_dir: str) -> list[str]:
         """The vLLM OpenAI server arguments (the serving spec; the Kubernetes backend uses them too)."""
         args = ["--model", model_dir, "--served-model-name", self.name, "--host", self.host, "--port", str(self.port),
@@ -50,4 +60,6 @@ class ServeSpec(BaseModel):
             args += ["--tensor-parallel-size", str(self.tensor_parallel_size)]
         if self.quantization:
             args += ["--quantization", self.quantization]
+        if self.chat_template is not None:  # written into the package by runtime.serve.package
+            args += ["--chat-template", f"{model_dir}/{CHAT_TEMPLATE_FILE}"]
         return [*args, *self.extra_args]

@@ -19,7 +19,7 @@ import pytest
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
-PORTS = {"AIRFLOW_PORT": 18080, "MLFLOW_PORT": 15000, "PROMETHEUS_PORT": 19090}
+PORTS = {"AIRFLOW_PORT": 18080, "MLFLOW_PORT": 15000, "PROMETHEUS_PORT": 19090, "STATSD_PORT": 19125, "STATSD_EXPORTER_PORT": 19102}
 VLLM_PORT = 8011  # from dags/recipes/tiny-llama.yaml
 
 

@@ -6,8 +6,10 @@ idle) are shared:
 
 1. v1, first deployment: replica + router, smoke completion, ``champion``, /metrics; deploying
    v1 again restarts nothing;
-2. v2, a good canary under seeded load of held-out prompts: 50 % -> 100 %, each step judged
-   on vLLM's own series in Prometheus; promoted, v1 retired after the grace period;
+2. v2 with a chat template (``deployment.prompt``, registered in MLflow's prompt registry), a
+   good canary under seeded load of held-out prompts: 50 % -> 100 %, each step judged on vLLM's
+   own series in Prometheus; promoted (model and prompt ``champion``), v1 retired after the grace
+   period; the router's vLLM renders chat requests with exactly that prompt version;
 3. v3 with injected latency (``deployment.inject_latency_ms``, runtime.fault_injection): the
    first analysis window fails, weights go back to v2 at once, v3 is tagged rolled-back with
    the evidence and the notifier fires;
@@ -32,6 +34,11 @@ from tiny_model import CORPUS, build_tiny_model, register_tiny_model
 pytestmark = [pytest.mark.integration]
 
 NAME = "tiny-serve"
+# a chat template over vLLM's `messages`; tiny_model's tokenizer has none, so chat needs it
+CHAT_TEMPLATE = (
+    "Answer briefly.\n{% for m in messages %}### {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}### assistant:{% endif %}"
+)
 WINDOW_S = 20  # four scrapes: increase() and the p95s have samples even when a scrape is slow
 
 
@@ -186,7 +193,7 @@ def test_first_deploy_canary_promotion_and_automatic_rollback(
 ):
     from mlflow import MlflowClient
 
-    from llmops_provider import config
+    from llmops_provider import config, prompts
     from llmops_provider.compat import AirflowFailException
     from llmops_provider.hooks.vllm import VLLMHook
     from llmops_provider.loadgen import LoadGenerator, load_prompts
@@ -207,6 +214,8 @@ def test_first_deploy_canary_promotion_and_automatic_rollback(
     port = free_port()
     router = f"http://127.0.0.1:{port}"
     recipe = write_recipe(tmp_path / "r.yaml", port)
+    (tmp_path / "chat.jinja").write_text(CHAT_TEMPLATE)
+    prompt_recipe = write_recipe(tmp_path / "p.yaml", port, prompt="{name: tiny-serve-chat, template_file: chat.jinja}")
     slow_recipe = write_recipe(tmp_path / "slow.yaml", port, inject_latency_ms="500")
     load = None
     try:
@@ -235,20 +244,28 @@ def test_first_deploy_canary_promotion_and_automatic_rollback(
 
         # ---- 2. good canary: 50 % then 100 %, promoted; v1 retired after the grace period
         try:
-            good = drive(*deploy_op(recipe, model_version=v2)[:2])
+            good = drive(*deploy_op(prompt_recipe, model_version=v2)[:2])
         except AirflowFailException:  # show what the analysis saw
             print(json.dumps(json.loads((config.home() / "deployments" / f"{NAME}.json").read_text())["history"]))
             raise
-        assert good["model_version"] == v2 and good["strategy"] == "canary"
+        assert good["model_version"] == v2 and good["strategy"] == "canary" and good["prompt_name"] == "tiny-serve-chat"
         assert [s["verdict"] for s in good["steps"]] == ["pass", "pass"], good
-        assert [s["weights"][f"{NAME}-v{v2}"] for s in good["steps"]] == [50, 100]
+        p1 = good["prompt_version"]
+        assert [s["weights"][f"{NAME}-v{v2}-p{p1}"] for s in good["steps"]] == [50, 100]
+        assert prompts.load(mlflow_conn, "tiny-serve-chat", "champion") == (int(p1), CHAT_TEMPLATE)
+        chat = [{"role": "user", "content": "Return a list of"}]
+        assert prompts.served_render(router, NAME, chat) == prompts.render_chat(CHAT_TEMPLATE, chat)
+        served_manifest = json.loads(
+            (config.home() / "serving" / NAME / f"v{v2}-p{p1}" / "model" / "serving.json").read_text()
+        )
+        assert served_manifest["prompt"]["version"] == p1
         assert client.get_model_version_by_alias(NAME, "champion").version == v2
         assert client.get_model_version(NAME, v2).tags["rollout_status"] == "promoted"
         assert group_gone(v1_pid) and not pid_file(f"{NAME}-v{v1}").exists()
         record = json.loads((config.home() / "deployments" / f"{NAME}.json").read_text())
         assert record["outcome"] == "promoted" and len(record["history"]) == 2
         assert record["history"][0]["values"]["canary.requests"] >= 3
-        assert "model_version" in record["history"][0]["queries"]["canary.ttft_p95_seconds"]
+        assert f'prompt_version="{p1}"' in record["history"][0]["queries"]["canary.ttft_p95_seconds"]
         history_run = client.get_run(record["rollout_run_id"])
         assert history_run.data.tags["outcome"] == "promoted" and "canary.ttft_p95_seconds" in history_run.data.metrics
         v2_address = record["replica"]["address"]

@@ -247,7 +247,8 @@ def test_human_approval_puts_a_person_between_gate_and_promotion(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text("name: r-one\ndata:\n  sources: [{path: /x}]\nevaluation:\n  human_approval: {required: true}\n")
     dag = build_lifecycle_dags(path)["r-one_evaluate"]
-    assert set(dag.task_dict) == {"evaluate", "approve", "promote"}
+    # which_gate routes a `reevaluate` event to the champion's re-evaluation (operators/loop.py)
+    assert set(dag.task_dict) == {"which_gate", "evaluate", "reevaluate", "approve", "promote"}
     assert dag.task_dict["approve"].upstream_task_ids == {"evaluate"}
     assert dag.task_dict["promote"].upstream_task_ids == {"approve"}
     assert [o.uri for o in dag.task_dict["promote"].outlets] == ["llmops://r-one/approved"]
@@ -255,7 +256,7 @@ def test_human_approval_puts_a_person_between_gate_and_promotion(tmp_path):
     assert "approval_body" in dag.task_dict["approve"].body
     path.write_text("name: r-one\ndata:\n  sources: [{path: /x}]\n")
     dag = build_lifecycle_dags(path)["r-one_evaluate"]
-    assert list(dag.task_dict) == ["evaluate"] and dag.task_dict["evaluate"].promote is True
+    assert set(dag.task_dict) == {"which_gate", "evaluate", "reevaluate"} and dag.task_dict["evaluate"].promote is True
 
 
 def test_approval_body_lists_judged_metrics_and_links():

@@ -19,7 +19,14 @@ import yaml
 pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "deploy" / "prometheus" / "rules.yml"
+MAPPING = ROOT / "deploy" / "prometheus" / "statsd-mapping.yml"
 DASHBOARD = ROOT / "deploy" / "grafana" / "llmops-vllm.json"
+LIFECYCLE = ROOT / "deploy" / "grafana" / "llmops-lifecycle.json"
+# each dashboard: the recording rules it must show all of, and its template variables
+DASHBOARDS = {
+    DASHBOARD: ("llmops:vllm_", {"datasource", "model_name"}),
+    LIFECYCLE: ("llmops:airflow_", {"datasource", "recipe"}),
+}
 # raw series a panel may use besides the recording rules (all of them exported by a real component)
 RAW_SERIES = {"up", "ALERTS", "DCGM_FI_DEV_GPU_UTIL"}
 
@@ -36,8 +43,8 @@ def recorded() -> set[str]:
     return {rule["record"] for group in groups for rule in group["rules"] if "record" in rule}
 
 
-def dashboard_exprs() -> list[str]:
-    dash = json.loads(DASHBOARD.read_text())
+def dashboard_exprs(path: Path = DASHBOARD) -> list[str]:
+    dash = json.loads(path.read_text())
     return [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
 
 
@@ -53,8 +60,9 @@ def test_alert_unit_tests_pass():
     assert out.returncode == 0 and "SUCCESS" in out.stdout, out.stdout + out.stderr
 
 
-def test_every_dashboard_expression_parses(tmp_path):
-    exprs = dashboard_exprs()
+@pytest.mark.parametrize("path", list(DASHBOARDS), ids=lambda p: p.name)
+def test_every_dashboard_expression_parses(tmp_path, path):
+    exprs = dashboard_exprs(path)
     assert len(exprs) >= 10
     # promtool has no bare "parse this expression": each becomes a recording rule of a scratch file
     rules = {
@@ -62,7 +70,7 @@ def test_every_dashboard_expression_parses(tmp_path):
             {
                 "name": "dashboard",
                 "rules": [
-                    {"record": f"dashboard:expr_{i}", "expr": e.replace("$model_name", ".*")}
+                    {"record": f"dashboard:expr_{i}", "expr": e.replace("$model_name", ".*").replace("$recipe", ".+")}
                     for i, e in enumerate(exprs)
                 ],
             }
@@ -77,26 +85,46 @@ def test_every_dashboard_expression_parses(tmp_path):
     assert subprocess.run([promtool(), "check", "rules", str(path)], capture_output=True).returncode != 0
 
 
-def test_dashboard_uses_existing_recording_rules():
+@pytest.mark.parametrize("path", list(DASHBOARDS), ids=lambda p: p.name)
+def test_dashboard_uses_existing_recording_rules(path):
     known = recorded()
+    prefix = DASHBOARDS[path][0]
     used = set()
-    for expr in dashboard_exprs():
+    for expr in dashboard_exprs(path):
         names = set(re.findall(r"[a-zA-Z_:][a-zA-Z0-9_:]*(?=\s*[{\[)]|\s*$)", expr)) - {"by", "sum", "avg", "max"}
         series = {n for n in names if ":" in n or n in RAW_SERIES or n.isupper()}
         assert series, f"no series found in {expr!r}"
         for name in series:
             assert name in known or name in RAW_SERIES, f"{expr!r} uses {name}, which no recording rule defines"
         used |= series
-    # every vLLM recording rule is on the dashboard
-    assert known - used == set()
+    # every recording rule of the dashboard's family is on it
+    assert {n for n in known if n.startswith(prefix)} - used == set()
+    assert {n for n in known if n.startswith(prefix)}
 
 
-def test_dashboard_is_importable_grafana_json():
-    dash = json.loads(DASHBOARD.read_text())
+@pytest.mark.parametrize("path", list(DASHBOARDS), ids=lambda p: p.name)
+def test_dashboard_is_importable_grafana_json(path):
+    dash = json.loads(path.read_text())
     assert dash["uid"] and dash["title"] and dash["schemaVersion"] >= 30
     ids = [p["id"] for p in dash["panels"]]
     assert len(ids) == len(set(ids))
     variables = {v["name"] for v in dash["templating"]["list"]}
-    assert variables == {"datasource", "model_name"}
+    assert variables == DASHBOARDS[path][1]
     for panel in dash["panels"]:
         assert panel["datasource"]["uid"] == "${datasource}"
+    assert len({json.loads(p.read_text())["uid"] for p in DASHBOARDS}) == len(DASHBOARDS)
+
+
+def test_lifecycle_rules_read_only_series_the_statsd_mapping_produces():
+    """Every raw airflow_* series the rules use is a `name` of deploy/prometheus/statsd-mapping.yml."""
+    from llmops_provider.statsd_exporter import load_mapping
+
+    mappings, _ = load_mapping(MAPPING.read_text())
+    produced = {m.name for m in mappings if m.action != "drop"}
+    groups = yaml.safe_load(RULES.read_text())["groups"]
+    exprs = [r["expr"] for g in groups for r in g["rules"]]
+    raw = set()
+    for expr in exprs:
+        for name in re.findall(r"(?<![:\w])airflow_[a-z_]+", expr):
+            raw.add(re.sub(r"_(bucket|count|sum)$", "", name))
+    assert raw and raw <= produced, f"rules read {sorted(raw - produced)}, which no mapping produces"
