@@ -254,9 +254,6 @@ class TrainingSpec(_Strict):
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="auto: bf16 on a GPU that supports it, fp32 on CPU")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, ~30% slower")
-    overlap_grad_reduce: bool = Field(
-        True, description="ZeRO 0, fp32, several ranks: all-reduce each gradient as soon as backward produces it "
-        "(as DDP does); false = DeepSpeed's all-reduce of every gradient after backward")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine schedule floor, as a fraction of learning_rate")
     world_size: int = Field(2, ge=1, description="ranks: CPU processes (gloo) locally, GPUs on Kubernetes")
     checkpoint_every: int = Field(25, ge=1, description="save a resumable checkpoint every N optimizer steps")

@@ -671,34 +671,6 @@ class Checkpoints:
 # ---------------------------------------------------------------- the job
 
 
-class OverlappedAllReduce:
-    """Data-parallel gradient all-reduce that overlaps backward, as PyTorch DDP does.
-
-    DeepSpeed's ZeRO-0 path waits for the whole backward, flattens every gradient into one
-    buffer, all-reduces it and copies it back. Here each gradient's all-reduce starts (async, in
-    place) the moment autograd has finished accumulating it, and ``finish()`` waits for them and
-    averages. Used for ZeRO stage 0 in fp32 with more than one rank only: bf16 keeps DeepSpeed's
-    path (its BF16 optimizer reduces an fp32 copy of the gradients), ZeRO 1-3 reduce their own
-    partitions.
-    """
-
-    def __init__(self, engine, params, dist, world: int) -> None:
-        self.engine, self.dist, self.world = engine, dist, world
-        self.pending: list = []
-        engine.enable_backward_allreduce = False
-        self.hooks = [p.register_post_accumulate_grad_hook(self._ready) for p in params]
-
-    def _ready(self, param) -> None:
-        if self.engine.is_gradient_accumulation_boundary():  # accumulate locally until the last micro-batch
-            self.pending.append((param, self.dist.all_reduce(param.grad, async_op=True)))
-
-    def finish(self) -> None:
-        for param, work in self.pending:
-            work.wait()
-            param.grad.div_(self.world)
-        self.pending.clear()
-
-
 def _init_distributed():
     """Single-process defaults when no launcher set the rendezvous env, then DeepSpeed's init (gloo on CPU)."""
     os.environ.setdefault("RANK", "0")
@@ -892,9 +864,6 @@ def _train(spec, dist, rank, world, out: Path, export: Path, tracker: Tracker | 
     started = time.monotonic()
     steady_since, steady_steps, tps = None, 0, 0.0  # tokens/s after the first step (it pays for lazy init)
     trainable_params = [p for p in engine.module.parameters() if p.requires_grad]
-    reducer = None
-    if t.overlap_grad_reduce and t.zero_stage == 0 and precision == "fp32" and world > 1:
-        reducer = OverlappedAllReduce(engine, trainable_params, dist, world)
     grad_norm = None
     engine.train()
     for step in range(start_step + 1, t.max_steps + 1):
@@ -910,8 +879,6 @@ def _train(spec, dist, rank, world, out: Path, export: Path, tracker: Tracker | 
             ids = torch.from_numpy(batch).to(engine.device)
             out_ = engine(input_ids=ids, labels=ids)
             engine.backward(out_.loss)
-            if reducer is not None and micro == t.grad_accum - 1:
-                reducer.finish()
             if t.zero_stage == 0 and micro == t.grad_accum - 1:  # ZeRO reports its own norm; stage 0 does not
                 grad_norm = torch.nn.utils.get_total_norm([p.grad for p in trainable_params if p.grad is not None])
             engine.step()
