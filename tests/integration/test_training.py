@@ -198,7 +198,8 @@ def test_sigkill_mid_run_then_retry_resumes_exactly(recipe_path, store, mlflow_c
         load_recipe(recipe_path), {"ti": ti, "run_id": run_id, "triggering_asset_events": {}}
     )
     # try 1: the operator's own launch command, killed with SIGKILL after step 10 is logged
-    cmd = launch_command(str(spec_path), 2, launcher=str(RUNTIME_PYTHON.parent / "deepspeed"), master_port=free_port())
+    port = free_port()
+    cmd = launch_command(str(spec_path), 2, launcher=str(RUNTIME_PYTHON.parent / "deepspeed"), master_port=port)
     proc = subprocess.Popen(
         cmd,
         env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_conn, "PYTHONUNBUFFERED": "1"},
@@ -228,6 +229,10 @@ def test_sigkill_mid_run_then_retry_resumes_exactly(recipe_path, store, mlflow_c
         time.sleep(0.2)
     else:
         pytest.fail("ranks survived SIGKILL of the process group")
+    # a killed job cannot unlink DeepSpeed's shared-memory buffers; the operator's cleanup does
+    from llmops_provider.backends.local import release_shm_buffers
+
+    assert release_shm_buffers(port) == 2, "one all-reduce buffer per rank, left behind by the kill"
     ckpt = Path(spec.output_dir) / "checkpoints"
     assert (ckpt / "latest").read_text() == "step0000008"
     assert {"rng_state_rank0.pt", "rng_state_rank1.pt"} <= {p.name for p in (ckpt / "step0000008").iterdir()}
