@@ -74,6 +74,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+LOCAL_LSH_MAX_ROWS = 4_000_000  # (doc, band) rows grouped on the driver (~100 MB) rather than shuffled
+LOCAL_VERIFY_MAX_BYTES = 128 << 20  # candidates' shingle sets verified on the driver rather than shuffled
 BROADCAST_MAX_ROWS = 2_000_000  # removal lists up to this size are broadcast to the tasks holding texts
 
 
@@ -117,23 +119,38 @@ def _doc_schema():
     fields = [T.StructField(n, T.StringType()) for n in DOC_FIELDS]
     fields += [
         T.StructField("modified", T.ArrayType(T.StringType())),
+        # near-dedup inputs of a kept document (null otherwise): LSH band keys, MinHash
+        # signature (uint32 bytes) and its sorted word-shingle hash set (uint32 bytes)
+        T.StructField("bands", T.ArrayType(T.LongType())),
+        T.StructField("sig", T.BinaryType()),
+        T.StructField("shingles", T.BinaryType()),
     ]
     return T.StructType(fields)
 
 
-def document_pass(batches, data, doc_steps):
+NEAR_FIELDS = ("bands", "sig", "shingles")
+
+
+def document_pass(batches, data, doc_steps, hasher=None, signing_s=None):
     """Arrow batches of (raw line bytes, source) -> one row per line with its outcome.
 
-    Runs on the executors: parse, then the document steps.
+    Runs on the executors: parse, then the document steps; with a ``hasher`` (near dedup on),
+    the kept documents are also shingled and signed here, from the word hashes the
+    repetition filter already computed, so the near-dedup passes never read a text again
+    (``signing_s``, an accumulator, sums the seconds spent on it: near-dedup work done here).
     """
+    import numpy as np
     import pyarrow as pa
 
-    from spark_jobs.steps import assign_id, content_hash, parse_line, run_steps
+    from spark_jobs import minhash
+    from spark_jobs.steps import assign_id, content_hash, parse_line, run_steps_batch
+
+    size = data.near_dedup.shingle_size
 
     for batch in batches:
         raws = batch.column(0).to_pylist()
         sources = batch.column(1).to_pylist()
-        cols: dict[str, list] = {n: [] for n in (*DOC_FIELDS, "modified")}
+        rows, parsed = [], []
         for raw, source in zip(raws, sources, strict=True):
             row = dict.fromkeys(DOC_FIELDS)
             row["source"], row["modified"] = source, None
@@ -145,15 +162,28 @@ def document_pass(batches, data, doc_steps):
                     line = raw[:QUARANTINE_LINE_CHARS].decode("utf-8", errors="replace")
                     row.update(status="quarantined", step="parse", reason=reason, line=line)
                 else:
-                    dropped = run_steps(doc, doc_steps)
-                    assign_id(doc)
-                    row.update(id=doc.id, text=doc.text, modified=doc.modified or None)
-                    if dropped is not None:
-                        row.update(status="excluded", step=dropped[0], reason=dropped[1], detail=dropped[2])
-                    else:
-                        row.update(status="ok", hash=content_hash(doc.text))
-            for name in cols:
-                cols[name].append(row[name])
+                    parsed.append((row, doc))
+            rows.append(row)
+        # the steps see the batch's documents together (language id runs vectorized over them)
+        drops = run_steps_batch([doc for _, doc in parsed], doc_steps)
+        kept = []
+        for (row, doc), dropped in zip(parsed, drops, strict=True):
+            assign_id(doc)
+            row.update(id=doc.id, text=doc.text, modified=doc.modified or None)
+            if dropped is not None:
+                row.update(status="excluded", step=dropped[0], reason=dropped[1], detail=dropped[2])
+            else:
+                row.update(status="ok", hash=content_hash(doc.text))
+                kept.append((row, doc))
+        if hasher is not None and kept:
+            signing_started = time.perf_counter()
+            sets = [np.unique(minhash.ngram_hashes(doc.words()[0], size)) for _, doc in kept]
+            sigs = hasher.signatures(sets)
+            for (row, _), shingles, sig, keys in zip(kept, sets, sigs, hasher.band_keys(sigs).tolist(), strict=True):
+                row.update(bands=keys, sig=sig.tobytes(), shingles=shingles.astype(np.uint32).tobytes())
+            if signing_s is not None:
+                signing_s.add(time.perf_counter() - signing_started)
+        cols = {name: [row.get(name) for row in rows] for name in (*DOC_FIELDS, "modified", *NEAR_FIELDS)}
         yield pa.RecordBatch.from_pydict(cols, schema=_arrow_schema())
 
 
@@ -163,30 +193,12 @@ def _arrow_schema():
     return pa.schema(
         [pa.field(n, pa.string()) for n in DOC_FIELDS]
         + [pa.field("modified", pa.list_(pa.string()))]
+        + [pa.field("bands", pa.list_(pa.int64())), pa.field("sig", pa.binary()), pa.field("shingles", pa.binary())]
     )
 
 
-def _signature_pass(batches, shingle_size: int, hasher):
-    """Arrow batches of (rid, text) -> (rid, LSH band keys, MinHash signature as uint32 bytes).
-
-    One vectorized signature call per batch (see :class:`spark_jobs.minhash.MinHasher`).
-    """
-    import pyarrow as pa
-
-    from spark_jobs import minhash
-
-    schema = pa.schema([("rid", pa.int64()), ("bands", pa.list_(pa.int64())), ("sig", pa.binary())])
-    for batch in batches:
-        texts = batch.column(1).to_pylist()
-        sigs = hasher.signatures([minhash.shingles(t, shingle_size) for t in texts])
-        keys = hasher.band_keys(sigs)
-        yield pa.RecordBatch.from_pydict(
-            {"rid": batch.column(0), "bands": keys.tolist(), "sig": [row.tobytes() for row in sigs]}, schema=schema
-        )
-
-
-def _verify_components(batches, shingle_size: int, threshold: float, max_pairs: int, min_estimate: float):
-    """Arrow batches of (comp, rid, text, bands, sig), sorted by comp -> verified edges (a, b, jaccard).
+def _verify_components(batches, threshold: float, max_pairs: int, min_estimate: float):
+    """Arrow batches of (comp, rid, shingles, bands, sig), sorted by comp -> verified edges (a, b, jaccard).
 
     A component's rows arrive together (the input is partitioned and sorted by ``comp``) but may
     span batches: rows are buffered until the component changes.
@@ -197,63 +209,57 @@ def _verify_components(batches, shingle_size: int, threshold: float, max_pairs: 
     from spark_jobs import minhash
 
     schema = pa.schema([("a", pa.int64()), ("b", pa.int64()), ("jaccard", pa.float64())])
-    current, rids, texts, bands, sigs = None, [], [], [], []
+    current, rids, sets, bands, sigs = None, [], [], [], []
 
     def flush():
         sig = np.frombuffer(b"".join(sigs), dtype=np.uint32).reshape(len(sigs), -1)
-        edges, _, _ = minhash.component_edges(rids, texts, sig, bands, shingle_size, threshold, max_pairs, min_estimate)
+        shingle_sets = [np.frombuffer(s, dtype=np.uint32) for s in sets]
+        edges, _, _ = minhash.component_edges(rids, shingle_sets, sig, bands, threshold, max_pairs, min_estimate)
         return pa.RecordBatch.from_pydict(
             {"a": [e[0] for e in edges], "b": [e[1] for e in edges], "jaccard": [e[2] for e in edges]}, schema=schema
         )
 
     for batch in batches:
         comps, rs = batch.column(0).to_pylist(), batch.column(1).to_pylist()
-        ts, bs, ss = batch.column(2).to_pylist(), batch.column(3).to_pylist(), batch.column(4).to_pylist()
-        for comp, rid, text, keys, sig in zip(comps, rs, ts, bs, ss, strict=True):
+        ss, bs, gs = batch.column(2).to_pylist(), batch.column(3).to_pylist(), batch.column(4).to_pylist()
+        for comp, rid, shingles, keys, sig in zip(comps, rs, ss, bs, gs, strict=True):
             if comp != current:
                 if rids:
                     yield flush()
-                current, rids, texts, bands, sigs = comp, [], [], [], []
+                current, rids, sets, bands, sigs = comp, [], [], [], []
             rids.append(rid)
-            texts.append(text)
+            sets.append(shingles)
             bands.append(keys)
             sigs.append(sig)
     if rids:
         yield flush()
 
 
-def near_duplicates(spark, ok, spec, log) -> tuple[list[tuple[int, int, str]], dict]:
-    """MinHash LSH over ``ok`` (rid, id, source, hash, text): ``[(rid, kept rid, detail)]`` and cluster stats.
+def near_duplicates(spark, ok, spec, log, max_docs: int | None = None) -> tuple[list[tuple[int, int, str]], dict]:
+    """MinHash LSH over ``ok`` (rid, id, source, hash, bands, sig, shingles): ``[(rid, kept rid, detail)]``
+    and cluster stats.
 
     ``rid`` here is a key derived from the content hash (unique after exact dedup), so
     bucket order, candidate pairs and the kept document do not depend on how Spark
-    partitioned the input. Four passes, texts moving at most once:
+    partitioned the input. The document pass already signed every kept document
+    (:func:`document_pass`); three passes follow, none of them reads a text:
 
-    0. signatures of every document (vectorized per Arrow batch), kept for the next passes;
-    1. LSH: (band, key, rid) rows are shuffled; each bucket links its members to its smallest
-       member (integer edges, collected to the driver);
+    1. LSH: each bucket links its members to its smallest member (integer edges, collected to
+       the driver). (band, key, rid) rows are shuffled; when at most ``LOCAL_LSH_MAX_ROWS`` rows
+       can exist (``max_docs`` x bands), the driver collects (rid, band keys) and groups them
+       with numpy instead (same edges, :func:`spark_jobs.minhash.bucket_links`), saving two shuffles
+       (the Spark conf ``spark.llmops.lsh.localMaxRows`` overrides the limit; 0: always shuffle);
     2. the driver finds the connected components of those edges (integers only);
-    3. the documents of each component (text and band keys, each document once) meet in one
-       task, which verifies the candidate pairs of its buckets with exact Jaccard.
+    3. the shingle sets and band keys of each component (each document once) meet in one
+       task, which verifies the candidate pairs of its buckets with exact Jaccard; when the
+       candidates' shingle sets total at most ``LOCAL_VERIFY_MAX_BYTES`` (Spark conf
+       ``spark.llmops.verify.localMaxBytes``), the driver collects them and verifies the
+       components itself (same function, no shuffle).
     """
-    from pyspark import StorageLevel
-
-    from spark_jobs import minhash
-
-    hasher = minhash.MinHasher(spec.num_perm, spec.bands, spec.rows, spec.seed)
-    size = spec.shingle_size
-    signed = (
-        ok.select("rid", "text")
-        .mapInArrow(lambda it: _signature_pass(it, size, hasher), "rid long, bands array<long>, sig binary")
-        .persist(StorageLevel.MEMORY_AND_DISK)
-    )
-    try:
-        return _near_duplicates(spark, ok, signed, spec, log)
-    finally:
-        signed.unpersist()
+    return _near_duplicates(spark, ok, ok.select("rid", "bands", "sig", "shingles"), spec, log, max_docs)
 
 
-def _near_duplicates(spark, ok, signed, spec, log) -> tuple[list[tuple[int, int, str]], dict]:
+def _near_duplicates(spark, ok, signed, spec, log, max_docs) -> tuple[list[tuple[int, int, str]], dict]:
     import numpy as np
     import pyarrow as pa
     from pyspark.sql import Window
@@ -261,38 +267,70 @@ def _near_duplicates(spark, ok, signed, spec, log) -> tuple[list[tuple[int, int,
 
     from spark_jobs import minhash
 
-    bucket = Window.partitionBy("band", "key")
-    links = (
-        signed.select("rid", F.posexplode("bands").alias("band", "key"))
-        .withColumn("root", F.min("rid").over(bucket))
-        .filter(F.col("rid") != F.col("root"))
-        .select("rid", "root")
-        .distinct()
-        .toArrow()
-    )
+    local_max = int(spark.conf.get("spark.llmops.lsh.localMaxRows", str(LOCAL_LSH_MAX_ROWS)))
+    shingle_bytes = None  # {rid: size of its shingle set}, known when the driver groups the buckets
+    if max_docs is not None and max_docs * spec.bands <= local_max:
+        table = signed.select("rid", "bands", F.length("shingles").alias("n")).toArrow()
+        keys = table.column("bands").combine_chunks().flatten().to_numpy()
+        all_rids = table.column("rid").to_numpy()
+        rid, root = minhash.bucket_links(all_rids, keys.reshape(table.num_rows, spec.bands))
+        links = pa.table({"rid": rid, "root": root})
+        shingle_bytes = (all_rids, table.column("n").to_numpy())
+        where = "on the driver"
+    else:
+        bucket = Window.partitionBy("band", "key")
+        links = (
+            signed.select("rid", F.posexplode("bands").alias("band", "key"))
+            .withColumn("root", F.min("rid").over(bucket))
+            .filter(F.col("rid") != F.col("root"))
+            .select("rid", "root")
+            .distinct()
+            .toArrow()
+        )
+        where = "in Spark"
     empty = {"clusters": 0, "documents_in_clusters": 0, "largest_cluster": 0, "verified_pairs": 0, "lsh_candidates": 0}
     if links.num_rows == 0:
         log("near_dedup: no LSH candidates")
         return [], empty
     ids, labels = minhash.components(links.column("rid").to_numpy(), links.column("root").to_numpy())
     comp_sizes = np.unique(labels, return_counts=True)[1]
-    log(f"near_dedup: {ids.size} LSH candidates in {comp_sizes.size} components (largest {comp_sizes.max()})")
-    comp = spark.createDataFrame(pa.table({"rid": ids, "comp": labels}))
-    size, threshold, max_pairs = spec.shingle_size, spec.threshold, spec.max_bucket_pairs
-    min_estimate = max(0.0, threshold - spec.estimate_margin)
-    edges = (
-        ok.select("rid", "text")
-        .join(F.broadcast(comp), "rid")  # only the candidates' texts move on
-        .join(signed, "rid")
-        .repartition("comp")
-        .sortWithinPartitions("comp", "rid")
-        .select("comp", "rid", "text", "bands", "sig")
-        .mapInArrow(
-            lambda it: _verify_components(it, size, threshold, max_pairs, min_estimate), "a long, b long, jaccard double"
-        )
-        .collect()
+    log(
+        f"near_dedup: {ids.size} LSH candidates in {comp_sizes.size} components (largest {comp_sizes.max()}; "
+        f"buckets grouped {where})"
     )
-    log(f"near_dedup: {len(edges)} verified pairs at jaccard >= {threshold}")
+    comp = spark.createDataFrame(pa.table({"rid": ids, "comp": labels}))
+    threshold, max_pairs = spec.threshold, spec.max_bucket_pairs
+    min_estimate = max(0.0, threshold - spec.estimate_margin)
+    candidates = ok.select("rid", "shingles", "bands", "sig").join(F.broadcast(comp), "rid")  # only they move on
+    local_max = int(spark.conf.get("spark.llmops.verify.localMaxBytes", str(LOCAL_VERIFY_MAX_BYTES)))
+    size = None
+    if shingle_bytes is not None:
+        size = int(shingle_bytes[1][np.isin(shingle_bytes[0], ids)].sum())
+    if size is not None and 0 < local_max and size <= local_max:
+        # small enough for the driver: one Arrow collect instead of a shuffle and a sort
+        table = (
+            candidates.select("comp", "rid", "shingles", "bands", "sig")
+            .toArrow()
+            .sort_by([("comp", "ascending"), ("rid", "ascending")])
+        )
+        edges = [
+            {"a": a, "b": b, "jaccard": j}
+            for out in _verify_components(table.to_batches(), threshold, max_pairs, min_estimate)
+            for a, b, j in zip(*(out.column(k).to_pylist() for k in range(3)), strict=True)
+        ]
+        where = "on the driver"
+    else:
+        edges = (
+            candidates.repartition("comp")
+            .sortWithinPartitions("comp", "rid")
+            .select("comp", "rid", "shingles", "bands", "sig")
+            .mapInArrow(
+                lambda it: _verify_components(it, threshold, max_pairs, min_estimate), "a long, b long, jaccard double"
+            )
+            .collect()
+        )
+        where = "in Spark"
+    log(f"near_dedup: {len(edges)} verified pairs at jaccard >= {threshold} (verified {where})")
     if not edges:
         return [], {**empty, "lsh_candidates": int(ids.size)}
     involved = sorted({e["a"] for e in edges} | {e["b"] for e in edges})
@@ -323,7 +361,14 @@ def _near_duplicates(spark, ok, signed, spec, log) -> tuple[list[tuple[int, int,
 
 
 def prepare(
-    spark, inputs: list[str], data, output_tmp: Path, doc_steps: list, log=print, tokenizer=None, seq_len: int = 0,
+    spark,
+    inputs: list[str],
+    data,
+    output_tmp: Path,
+    doc_steps: list,
+    log=print,
+    tokenizer=None,
+    seq_len: int = 0,
     timings: dict[str, float] | None = None,
 ) -> tuple[dict, dict | None]:
     """Run the pipeline on ``inputs`` and write the dataset files into ``output_tmp``.
@@ -355,13 +400,21 @@ def prepare(
     lines = spark.read.text(inputs).select(
         F.col("value").cast("binary").alias("raw"), F.col("_metadata.file_path").alias("source")
     )
-    docs = lines.mapInArrow(lambda batches: document_pass(batches, data, doc_steps), _doc_schema()).withColumn(
-        "rid", F.monotonically_increasing_id()
-    )
+    hasher = signing_s = None
+    if nd.enabled:
+        from spark_jobs import minhash
+
+        hasher = minhash.MinHasher(nd.num_perm, nd.bands, nd.rows, nd.seed)
+        signing_s = spark.sparkContext.accumulator(0.0)
+    docs = lines.mapInArrow(
+        lambda batches: document_pass(batches, data, doc_steps, hasher, signing_s), _doc_schema()
+    ).withColumn("rid", F.monotonically_increasing_id())
     docs = docs.persist(StorageLevel.MEMORY_AND_DISK)
     input_lines = docs.count()
     log(f"document steps done: {input_lines} lines")
     phase("documents")
+    if signing_s is not None:  # task seconds (summed over the parallel tasks) of MinHash signing
+        timings["near_dedup_signing_task_s"] = round(signing_s.value, 2)
 
     ok = docs.filter(F.col("status") == "ok")
     removals = []  # small frames of (rid, step, reason, detail): only ids travel, never texts
@@ -390,9 +443,9 @@ def prepare(
     clusters = None
     if nd.enabled:
         ok = ok.withColumn("nkey", F.conv(F.substring("hash", 1, 15), 16, 10).cast("long"))
-        candidates = ok.select(F.col("nkey").alias("rid"), "id", "source", "hash", "text")
+        candidates = ok.select(F.col("nkey").alias("rid"), "id", "source", "hash", *NEAR_FIELDS)
         phase("exact_dedup")  # lazy until here: only what near-dedup needs of it is computed by then
-        near, clusters = near_duplicates(spark, candidates, nd, log)
+        near, clusters = near_duplicates(spark, candidates, nd, log, max_docs=input_lines)
         phase("near_dedup")
         if near:
             near_df = spark.createDataFrame(
@@ -424,6 +477,7 @@ def prepare(
         removed.withColumnRenamed("step", "r_step")
         .withColumnRenamed("reason", "r_reason")
         .withColumnRenamed("detail", "r_detail")
+        .persist(StorageLevel.MEMORY_AND_DISK)  # ids only; used by each pass below
     )
 
     # the split depends on the content alone: a document never moves between splits across runs
@@ -433,7 +487,8 @@ def prepare(
     split = F.when(bucket < train_cut, "train").when(bucket < validation_cut, "validation").otherwise("test")
     is_removed = F.col("r_step").isNotNull()
     outcome = (
-        docs.join(_small(removed, n_removed), "rid", "left")
+        docs.drop(*NEAR_FIELDS)
+        .join(_small(removed, n_removed), "rid", "left")
         .withColumn("status", F.when(is_removed, "excluded").otherwise(F.col("status")))
         .withColumn("step", F.when(is_removed, F.col("r_step")).otherwise(F.col("step")))
         .withColumn("reason", F.when(is_removed, F.col("r_reason")).otherwise(F.col("reason")))
@@ -445,15 +500,15 @@ def prepare(
             .when(F.col("status") == "excluded", "excluded"),
         )
         .drop("r_step", "r_reason", "r_detail")
-        .persist(StorageLevel.MEMORY_AND_DISK)
-    )
+    )  # not cached: a broadcast join over the cached documents, cheaper to redo than to copy every text
 
     counts = (
         outcome.groupBy("status", "step", "reason", "file")
         .agg(F.count("*").alias("n"), F.sum(F.length("text")).alias("chars"))
         .collect()
     )
-    modified = dict(outcome.select(F.explode("modified").alias("step")).groupBy("step").count().collect())
+    # a removal by dedup or ids never changes a text: the document pass alone knows the modifications
+    modified = dict(docs.select(F.explode("modified").alias("step")).groupBy("step").count().collect())
     stats = _stats(counts, modified, names, input_lines)
     log(f"outcomes counted: {stats['kept']} kept, {stats['excluded']} excluded, {stats['quarantined']} quarantined")
     phase("outcomes")
@@ -477,28 +532,22 @@ def prepare(
     # partition (a task result held in the driver's heap) stays small whatever the corpus size
     total_chars = sum((r["chars"] or 0) for r in counts)
     n_parts = max(spark.sparkContext.defaultParallelism, -(-total_chars // OUTPUT_PARTITION_CHARS))
-    rows = outcome.filter(F.col("file").isNotNull()).repartitionByRange(n_parts, *sort_keys).sortWithinPartitions(*sort_keys)
+    rows = (
+        outcome.filter(F.col("file").isNotNull())
+        .repartitionByRange(n_parts, *sort_keys)
+        .sortWithinPartitions(*sort_keys)
+    )
     files = (*SPLITS, "quarantine", "excluded")
     handles = {n: (output_tmp / f"{n}.jsonl").open("w", encoding="utf-8", newline="\n") for n in files}
     written = dict.fromkeys(files, 0)
     try:
         cols = ("file", "id", "text", "line", "step", "reason", "detail", "source")
-        for r in rows.select(*cols).toLocalIterator(prefetchPartitions=False):
-            if r["file"] == "quarantine":
-                rec = {"line": r["line"], "reason": r["reason"], "source": r["source"]}
-            elif r["file"] == "excluded":
-                rec = {
-                    "id": r["id"],
-                    "step": r["step"],
-                    "reason": r["reason"],
-                    "detail": r["detail"],
-                    "source": r["source"],
-                    "text": r["text"],
-                }
-            else:
-                rec = {"id": r["id"], "text": r["text"]}
-            handles[r["file"]].write(json.dumps(rec, ensure_ascii=False) + "\n")
-            written[r["file"]] += 1
+        # the tasks encode the JSON lines (in parallel, order kept); the driver only appends them,
+        # fetching the next sorted partition while it writes this one (two partitions in memory)
+        lines = rows.select(*cols).mapInArrow(_encode_records, "file string, json string")
+        for r in lines.toLocalIterator(prefetchPartitions=True):
+            handles[r[0]].write(r[1])
+            written[r[0]] += 1
     finally:
         for fh in handles.values():
             fh.close()
@@ -512,9 +561,34 @@ def prepare(
         stats["tokens"] = {s: {k: v[k] for k in ("documents", "document_tokens", "blocks", "tokens", "dropped_tail_tokens")}
                            for s, v in packed["splits"].items()}  # fmt: skip
         phase("tokenize")
-    outcome.unpersist()
+    removed.unpersist()
     docs.unpersist()
     return stats, packed
+
+
+def _encode_records(batches):
+    """Arrow batches of output rows -> (file, JSON line with its newline), in the same order."""
+    import pyarrow as pa
+
+    schema = pa.schema([("file", pa.string()), ("json", pa.string())])
+    for batch in batches:
+        out = []
+        for r in batch.to_pylist():
+            if r["file"] == "quarantine":
+                rec = {"line": r["line"], "reason": r["reason"], "source": r["source"]}
+            elif r["file"] == "excluded":
+                rec = {
+                    "id": r["id"],
+                    "step": r["step"],
+                    "reason": r["reason"],
+                    "detail": r["detail"],
+                    "source": r["source"],
+                    "text": r["text"],
+                }
+            else:
+                rec = {"id": r["id"], "text": r["text"]}
+            out.append(json.dumps(rec, ensure_ascii=False) + "\n")
+        yield pa.RecordBatch.from_pydict({"file": batch.column("file"), "json": out}, schema=schema)
 
 
 def _stats(counts, modified: dict, names: list[str], input_lines: int) -> dict:
@@ -629,7 +703,14 @@ def main(argv: list[str] | None = None) -> int:
         log = lambda m: print(f"prepare_corpus: [{time.time() - started:6.1f}s] {m}", flush=True)  # noqa: E731
         timings: dict[str, float] = {}
         stats, packed = prepare(
-            spark, inputs, recipe.data, tmp, doc_steps, log, tokenizer=recipe.tokenizer, seq_len=recipe.training.seq_len,
+            spark,
+            inputs,
+            recipe.data,
+            tmp,
+            doc_steps,
+            log,
+            tokenizer=recipe.tokenizer,
+            seq_len=recipe.training.seq_len,
             timings=timings,
         )
         stats = {"recipe": recipe.name, "recipe_fingerprint": recipe.fingerprint(), "input_files": inputs, **stats}

@@ -92,11 +92,7 @@ def content_hash(text: str) -> str:
 
 # Cc controls except \t and \n; \r is folded into \n before this runs.
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
-_INLINE_WS = re.compile(r"[^\S\n]+")
-_BLANK_RUNS = re.compile(r"\n{3,}")
-
-
-_LINE_EDGE_WS = re.compile(r" ?\n ?")
+_BLANK_RUNS = re.compile(r"\n\n\n+")
 
 
 def normalize(text: str) -> str:
@@ -104,7 +100,9 @@ def normalize(text: str) -> str:
     if not text.isascii():
         text = unicodedata.normalize("NFC", text)
     text = _CONTROL.sub("", text.replace("\r\n", "\n").replace("\r", "\n"))
-    text = _LINE_EDGE_WS.sub("\n", _INLINE_WS.sub(" ", text))
+    # per line: runs of (Unicode) whitespace -> one space, none at either end; str.split is
+    # C-speed where a regex substitution visits every space
+    text = "\n".join([" ".join(line.split()) for line in text.split("\n")])
     return _BLANK_RUNS.sub("\n\n", text).strip()
 
 
@@ -116,7 +114,11 @@ class Normalize:
         return None
 
 
-_IPV4 = re.compile(r"(?<![\d.])\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}(?![\d.]*\d)")
+# Patterns that could start anywhere begin with a character class and check what precedes it
+# with a lookbehind after that first character: re then skips quickly to the positions where
+# that class matches instead of trying the pattern at every position (about 2x faster, same
+# matches; ``(?<![\d.])\d`` is written ``\d(?<![\d.]\d)``).
+_IPV4 = re.compile(r"\d(?<![\d.]\d)\d{0,2}\.\d{1,3}\.\d{1,3}\.\d{1,3}(?![\d.]*\d)")
 
 
 def _ipv4(match: re.Match) -> str:
@@ -141,17 +143,23 @@ PII_PATTERNS: list[tuple[str, tuple[str, ...], re.Pattern, Any]] = [
         "key",
         ("key", "KEY", "Key", "secret", "SECRET", "Secret", "token", "TOKEN", "Token", "passw", "PASSW", "Passw"),
         re.compile(
-            r"(?i)\b((?:api[_-]?key|secret|token|passw(?:or)?d|access[_-]?key)\s*[:=]\s*['\"]?)[A-Za-z0-9_\-/+=.]{12,}"
+            # \b(api_key|access_key|secret|token|password)\s*[:=]\s*['"]?VALUE, case-insensitive
+            r"(?i)([apst](?<!\w[apst])(?:(?<=a)(?:pi[_-]?key|ccess[_-]?key)|(?<=s)ecret|(?<=t)oken|(?<=p)assw(?:or)?d)"
+            r"\s*[:=]\s*['\"]?)[A-Za-z0-9_\-/+=.]{12,}"
         ),
         r"\1<KEY>",
     ),
     ("email", ("@",), re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b"), "<EMAIL>"),
     ("ip", (".",), _IPV4, _ipv4),
-    ("ip", ("::", ":"), re.compile(r"\b(?:[0-9a-fA-F]{1,4}:){7}[0-9a-fA-F]{1,4}\b"), "<IP>"),
+    ("ip", ("::", ":"), re.compile(r"[0-9a-fA-F](?<!\w[0-9a-fA-F])[0-9a-fA-F]{0,3}:(?:[0-9a-fA-F]{1,4}:){6}[0-9a-fA-F]{1,4}\b"), "<IP>"),
     (
         "phone",
         ("0", "1", "2", "3", "4", "5", "6", "7", "8", "9"),
-        re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|\d{2,4}[ .-])\d{3,4}[ .-]\d{3,4}(?![\w-])"),
+        # (?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|\d{2,4}[ .-])\d{3,4}[ .-]\d{3,4}(?![\w-])
+        re.compile(
+            r"[+(\d](?<![\w+][+(\d])(?:(?<=\+)\d{1,3}[ .-]?(?:\(\d{2,4}\)[ .-]?|\d{2,4}[ .-])|(?<=\()\d{2,4}\)[ .-]?"
+            r"|(?<=\d)\d{1,3}[ .-])\d{3,4}[ .-]\d{3,4}(?![\w-])"
+        ),
         "<PHONE>",
     ),
 ]
@@ -189,26 +197,25 @@ class Length:
         return None
 
 
-_IDENTIFIER = None
-
-
-def _identifier():
-    global _IDENTIFIER
-    if _IDENTIFIER is None:  # once per Python worker: the model loads in ~0.4 s
-        from py3langid import langid
-
-        _IDENTIFIER = langid.LanguageIdentifier.from_model_file(langid.MODEL_FILE, norm_probs=True)
-    return _IDENTIFIER
-
-
 class Language:
+    """py3langid's naive Bayes model (shipped in its wheel), run over a batch of documents at
+    once (:mod:`spark_jobs.language`); the score is its calibrated probability."""
+
     name = "language"
 
     def __init__(self, languages: list[str], min_score: float, sample_chars: int) -> None:
         self.languages, self.min_score, self.sample_chars = set(languages), min_score, sample_chars
 
     def __call__(self, doc: Doc) -> Drop | None:
-        lang, score = _identifier().classify(doc.text[: self.sample_chars])
+        return self.batch([doc])[0]
+
+    def batch(self, docs: list[Doc]) -> list[Drop | None]:
+        from spark_jobs import language
+
+        found = language.model().classify_batch([d.text[: self.sample_chars] for d in docs])
+        return [self._decide(lang, score) for lang, score in found]
+
+    def _decide(self, lang: str, score: float) -> Drop | None:
         if not self.languages:
             return None
         if lang not in self.languages:
@@ -314,32 +321,28 @@ class GopherRepetition:
         if total == 0:
             return None
         cum = np.concatenate(([0], np.cumsum(lengths)))
-        for n, limit in sorted(s.max_top_ngram_char_ratio.items()):
-            if words.size < n:
-                continue
-            grams = minhash.ngram_hashes(words, n)
-            uniq, first, counts = np.unique(grams, return_index=True, return_counts=True)
-            top = int(np.argmax(counts))
+        for n, grams in minhash.ngram_hash_series(words, s.max_top_ngram_char_ratio):
+            starts, counts, positions = minhash.repeats(grams)
+            top = int(np.argmax(counts))  # ties: the smallest hash, as np.unique orders them
             if counts[top] < 2:
                 continue
-            p = int(first[top])
+            p = int(positions[starts[top]])
             ratio = counts[top] * int(cum[p + n] - cum[p]) / total
+            limit = s.max_top_ngram_char_ratio[n]
             if ratio > limit:
                 return f"gopher_top_{n}_gram", f"{ratio:.3f} > {limit}"
-        for n, limit in sorted(s.max_dup_ngram_char_ratio.items()):
-            if words.size < n:
-                continue
-            grams = minhash.ngram_hashes(words, n)
-            _, first = np.unique(grams, return_index=True)
-            repeated = np.ones(grams.size, dtype=bool)
-            repeated[first] = False
-            pos = np.flatnonzero(repeated)
+        for n, grams in minhash.ngram_hash_series(words, s.max_dup_ngram_char_ratio):
+            starts, counts, positions = minhash.repeats(grams)
+            later = np.ones(grams.size, dtype=bool)
+            later[starts] = False  # every occurrence but the first of its value
+            pos = positions[later]
             if pos.size == 0:
                 continue
             cover = np.zeros(words.size + 1, dtype=np.int64)
-            np.add.at(cover, pos, 1)
-            np.add.at(cover, pos + n, -1)
+            cover[pos] += 1  # positions are distinct: plain indexing adds once each
+            cover[pos + n] -= 1
             ratio = int(lengths[np.cumsum(cover[:-1]) > 0].sum()) / total
+            limit = s.max_dup_ngram_char_ratio[n]
             if ratio > limit:
                 return f"gopher_dup_{n}_gram", f"{ratio:.3f} > {limit}"
         return None
@@ -472,14 +475,30 @@ def build_steps(data, home: str | None = None) -> list:
 
 def run_steps(doc: Doc, steps: list) -> tuple[str, str, str | None] | None:
     """Apply ``steps`` in order; ``(step, reason, detail)`` of the first drop, else None."""
+    return run_steps_batch([doc], steps)[0]
+
+
+def run_steps_batch(docs: list[Doc], steps: list) -> list[tuple[str, str, str | None] | None]:
+    """``run_steps`` over many documents: each step sees all the documents still in, at once
+    when it has a ``batch`` method (same answers as one at a time, fewer Python-level calls)."""
+    results: list[tuple[str, str, str | None] | None] = [None] * len(docs)
+    alive = list(range(len(docs)))
     for step in steps:
-        before = doc.text
-        dropped = step(doc)
-        if dropped is not None:
-            return step.name, dropped[0], dropped[1]
-        if doc.text != before:
-            doc.modified.append(step.name)
-    return None
+        if not alive:
+            break
+        before = [docs[i].text for i in alive]
+        batch = getattr(step, "batch", None)
+        drops = batch([docs[i] for i in alive]) if batch else [step(docs[i]) for i in alive]
+        still = []
+        for i, text, dropped in zip(alive, before, drops, strict=True):
+            if dropped is not None:
+                results[i] = (step.name, dropped[0], dropped[1])
+                continue
+            if docs[i].text != text:
+                docs[i].modified.append(step.name)
+            still.append(i)
+        alive = still
+    return results
 
 
 def assign_id(doc: Doc) -> None:

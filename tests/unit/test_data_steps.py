@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -165,6 +166,46 @@ def test_language_filter_uses_the_shipped_model():
     assert st.Language([], 0.5, 2000)(_doc(german)) is None  # [] keeps every language
 
 
+def test_batch_language_identifier_answers_what_py3langid_answers():
+    from py3langid import langid
+
+    from spark_jobs import language
+
+    reference = langid.LanguageIdentifier.from_model_file(langid.MODEL_FILE, norm_probs=True)
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    texts = [p for p in readme.split("\n\n") if p.strip()][:150]
+    texts += [
+        "",
+        "   ",
+        "ALL CAPS ARE FOLDED BEFORE THE MODEL SEES THEM",
+        "Der Planer liest jede Datei und erzeugt die Läufe, die fällig sind.",
+        "Le planificateur lit chaque fichier et crée les exécutions prévues.",
+        "调度器读取每个文件并创建到期的运行。",
+        "Планировщик читает каждый файл и создаёт запуски.",
+        "x",
+        "12345 67890 !!! ???",
+    ]
+    # a small group budget forces several groups of different widths
+    found = language.model().classify_batch(texts, max_batch_bytes=20_000)
+    assert len(found) == len(texts)
+    for text, (lang, score) in zip(texts, found, strict=True):
+        want_lang, want_score = reference.classify(text)
+        assert lang == want_lang, text[:60]
+        assert score == pytest.approx(want_score, abs=1e-6), text[:60]
+    assert {lang for lang, _ in found} >= {"en", "de", "fr", "zh", "ru"}
+
+
+def test_run_steps_batch_agrees_with_one_document_at_a_time():
+    steps = st.build_steps(_data(min_chars=40))
+    german = "Der Planer liest jede Datei und erzeugt die Läufe, die fällig sind. Jede Aufgabe wird wiederholt."
+    texts = [ENGLISH, "short", german, ENGLISH + " Mail alice@example.com now.", "\n\n".join([ENGLISH] * 6)]
+    one = [(st.run_steps(d := _doc(t), steps), d.text, d.modified) for t in texts]
+    docs = [_doc(t) for t in texts]
+    batch = st.run_steps_batch(docs, steps)
+    assert [(b, d.text, d.modified) for b, d in zip(batch, docs, strict=True)] == one
+    assert [r[0] if r else None for r, _, _ in one] == [None, "length", "language", None, "gopher_repetition"]
+
+
 def test_run_steps_reports_first_drop_and_modifying_steps():
     steps = st.build_steps(_data(min_chars=40))
     assert [s.name for s in steps] == ["normalize", "length", "language", "pii", "gopher_repetition"]
@@ -234,6 +275,45 @@ def test_lsh_components_are_the_connected_components_labelled_by_their_smallest_
     }
 
 
+def test_bucket_links_link_every_bucket_member_to_its_smallest_rid():
+    rng = np.random.default_rng(5)
+    n, n_bands = 300, 4
+    rids = rng.choice(1 << 40, n, replace=False).astype(np.int64)
+    bands = rng.integers(-30, 30, size=(n, n_bands), dtype=np.int64)
+    want = set()
+    for band in range(n_bands):
+        buckets: dict[int, list[int]] = {}
+        for i in range(n):
+            buckets.setdefault(int(bands[i, band]), []).append(int(rids[i]))
+        for members in buckets.values():
+            want.update((m, min(members)) for m in members if m != min(members))
+    a, b = minhash.bucket_links(rids, bands)
+    got = list(zip(a.tolist(), b.tolist(), strict=True))
+    assert set(got) == want and len(got) == len(want)
+    assert minhash.bucket_links(rids[:0], bands[:0])[0].size == 0
+
+
+def test_bucket_pairs_lists_what_candidate_pairs_lists_per_bucket():
+    rng = np.random.default_rng(3)
+    n, n_bands = 400, 6
+    rids = rng.permutation(10_000)[:n].astype(np.int64) * 7919  # arbitrary order, not positions
+    bands = rng.integers(0, 40, size=(n, n_bands), dtype=np.int64)  # small key range: big buckets
+    bands[:150, 0] = 12345  # a template bucket larger than max_pairs_bucket
+    pos = {int(r): i for i, r in enumerate(rids)}
+    want = set()
+    for band in range(n_bands):
+        buckets: dict[int, list[int]] = {}
+        for i in range(n):
+            buckets.setdefault(int(bands[i, band]), []).append(int(rids[i]))
+        for members in buckets.values():
+            want.update(minhash.candidate_pairs(members, 16))
+    got = minhash.bucket_pairs(bands, rids, 16)
+    pairs = [(int(rids[i]), int(rids[j])) for i, j in got.tolist()]
+    assert pairs == sorted(want) and len(pairs) == len(set(pairs))
+    assert {(pos[a], pos[b]) for a, b in want} == {tuple(p) for p in got.tolist()}
+    assert minhash.bucket_pairs(bands[:1], rids[:1], 16).shape == (0, 2)
+
+
 def test_component_edges_prefilter_by_estimate_loses_no_true_pair():
     base = ENGLISH * 3
     texts = [base] + [_mutate(base, k, seed=k) for k in (1, 2, 3, 40, 60)] + ["unrelated words " * 40]
@@ -242,11 +322,11 @@ def test_component_edges_prefilter_by_estimate_loses_no_true_pair():
     sigs = hasher.signatures(sets)
     bands = [np.zeros(20, dtype=np.int64).tolist() for _ in texts]  # one bucket: every pair is a candidate
     rids = [11, 12, 13, 14, 15, 16, 17]
-    exact, n_pairs, n_checked = minhash.component_edges(rids, texts, sigs, bands, 5, 0.8, 64, min_estimate=0.0)
+    exact, n_pairs, n_checked = minhash.component_edges(rids, sets, sigs, bands, 0.8, 64, min_estimate=0.0)
     assert n_pairs == n_checked == 21
     truth = {(rids[i], rids[j]) for i in range(7) for j in range(i + 1, 7) if minhash.jaccard(sets[i], sets[j]) >= 0.8}
     assert {(a, b) for a, b, _ in exact} == truth and len(truth) >= 3
-    fast, n_pairs, n_checked = minhash.component_edges(rids, texts, sigs, bands, 5, 0.8, 64, min_estimate=0.65)
+    fast, n_pairs, n_checked = minhash.component_edges(rids, sets, sigs, bands, 0.8, 64, min_estimate=0.65)
     assert fast == exact and n_checked < n_pairs, "the estimate skips dissimilar pairs, never a true one"
 
 
