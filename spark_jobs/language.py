@@ -17,6 +17,8 @@ import unicodedata
 
 import numpy as np
 
+from spark_jobs import minhash
+
 _MODEL = None
 
 
@@ -89,7 +91,7 @@ class BatchIdentifier:
             feats = self.output[states[: len(sample), col]] if sample else np.empty(0, dtype=np.int64)
             feats = feats[feats >= 0]
             if feats.size:
-                idx, counts = np.unique(feats, return_counts=True)
+                idx, counts = minhash.sorted_counts(feats)  # np.unique's answer, faster
                 scores = np.log1p(counts.astype(np.float32)) @ self.ptc[idx] + self.pc
             else:  # no features: uniform, as py3langid answers under norm_probs
                 scores = np.zeros(len(self.classes), dtype=np.float32)

@@ -134,16 +134,44 @@ def repeats(grams: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return starts, lengths, (keys & np.uint64(0xFFFFFFFF)).astype(np.int64)
 
 
+def sorted_unique(values: np.ndarray) -> np.ndarray:
+    """``np.unique(values)`` for a 1-D array: sort and drop repeats (7x faster than ``np.unique``
+    on a few hundred values with numpy 2.4, whose hash-based path costs ~50 us per call)."""
+    out = np.sort(values)
+    keep = np.empty(out.size, dtype=bool)
+    keep[:1] = True
+    np.not_equal(out[1:], out[:-1], out=keep[1:])
+    return out[keep]
+
+
+def sorted_counts(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(values, return_counts=True)`` for a 1-D array, the same way."""
+    out = np.sort(values)
+    if out.size == 0:
+        return out, np.zeros(0, dtype=np.int64)
+    first = np.empty(out.size, dtype=bool)
+    first[0] = True
+    np.not_equal(out[1:], out[:-1], out=first[1:])
+    starts = np.flatnonzero(first)
+    return out[starts], np.diff(np.append(starts, out.size))
+
+
 def shingles(text: str, n: int, words: np.ndarray | None = None) -> np.ndarray:
     """The sorted set of 32-bit hashes of the word ``n``-grams of ``text`` (``words``: its word hashes)."""
-    return np.unique(ngram_hashes(word_hashes(text) if words is None else words, n))
+    return sorted_unique(ngram_hashes(word_hashes(text) if words is None else words, n))
 
 
 def jaccard(a: np.ndarray, b: np.ndarray) -> float:
     """Exact Jaccard similarity of two sorted unique hash sets."""
     if a.size == 0 and b.size == 0:
         return 1.0
-    inter = np.intersect1d(a, b, assume_unique=True).size
+    if a.size > b.size:
+        a, b = b, a
+    if a.size == 0:
+        return 0.0
+    at = np.searchsorted(b, a)  # where each of the smaller set's hashes would sit in the larger
+    at[at == b.size] = 0
+    inter = int(np.count_nonzero(b[at] == a))
     return inter / float(a.size + b.size - inter)
 
 
@@ -266,7 +294,7 @@ def bucket_pairs(bands: np.ndarray, rids: np.ndarray, max_pairs_bucket: int = 64
         found.append(member[:-d][same] * n + member[d:][same])
     if not found:
         return np.zeros((0, 2), dtype=np.int64)
-    codes = np.unique(np.concatenate(found))
+    codes = sorted_unique(np.concatenate(found))
     return np.stack((order[codes // n], order[codes % n]), axis=1)
 
 

@@ -177,7 +177,7 @@ def document_pass(batches, data, doc_steps, hasher=None, signing_s=None):
                 kept.append((row, doc))
         if hasher is not None and kept:
             signing_started = time.perf_counter()
-            sets = [np.unique(minhash.ngram_hashes(doc.words()[0], size)) for _, doc in kept]
+            sets = [minhash.sorted_unique(minhash.ngram_hashes(doc.words()[0], size)) for _, doc in kept]
             sigs = hasher.signatures(sets)
             for (row, _), shingles, sig, keys in zip(kept, sets, sigs, hasher.band_keys(sigs).tolist(), strict=True):
                 row.update(bands=keys, sig=sig.tobytes(), shingles=shingles.astype(np.uint32).tobytes())
@@ -448,9 +448,17 @@ def prepare(
         near, clusters = near_duplicates(spark, candidates, nd, log, max_docs=input_lines)
         phase("near_dedup")
         if near:
-            near_df = spark.createDataFrame(
-                [(nkey, "near_dedup", "near_duplicate", detail) for nkey, _, detail in near],
-                "nkey long, step string, reason string, detail string",
+            import pyarrow as pa
+
+            near_df = spark.createDataFrame(  # from Arrow: no per-row pickling
+                pa.table(
+                    {
+                        "nkey": pa.array([nkey for nkey, _, _ in near], pa.int64()),
+                        "step": pa.array(["near_dedup"] * len(near), pa.string()),
+                        "reason": pa.array(["near_duplicate"] * len(near), pa.string()),
+                        "detail": pa.array([detail for _, _, detail in near], pa.string()),
+                    }
+                )
             )
             near_keys = near_df.select("nkey")
             near_df = ok.select("rid", "nkey").join(_small(near_df, len(near)), "nkey").drop("nkey")

@@ -212,6 +212,8 @@ class Language:
     def batch(self, docs: list[Doc]) -> list[Drop | None]:
         from spark_jobs import language
 
+        if not self.languages:  # [] keeps every language: nothing to decide
+            return [None] * len(docs)
         found = language.model().classify_batch([d.text[: self.sample_chars] for d in docs])
         return [self._decide(lang, score) for lang, score in found]
 

@@ -275,6 +275,27 @@ def test_lsh_components_are_the_connected_components_labelled_by_their_smallest_
     }
 
 
+def test_jaccard_and_sorted_unique_match_python_sets():
+    rng = np.random.default_rng(11)
+    top = np.uint32(0xFFFFFFFF)
+    cases = [(np.array([], np.uint32), np.array([], np.uint32)), (np.array([], np.uint32), np.array([1], np.uint32))]
+    for _ in range(200):
+        pool = rng.integers(0, 1 << 32, size=rng.integers(1, 60), dtype=np.uint64).astype(np.uint32)
+        pool = np.append(pool, top)  # the largest hash sits past every other value
+        a = rng.choice(pool, size=rng.integers(0, 40))
+        b = rng.choice(pool, size=rng.integers(0, 40))
+        cases.append((a, b))
+    for a, b in cases:
+        sa, sb = minhash.sorted_unique(a), minhash.sorted_unique(b)
+        assert sa.tolist() == np.unique(a).tolist() and sb.tolist() == np.unique(b).tolist()
+        values, counts = minhash.sorted_counts(a)
+        want_values, want_counts = np.unique(a, return_counts=True)
+        assert values.tolist() == want_values.tolist() and counts.tolist() == want_counts.tolist()
+        union = set(a.tolist()) | set(b.tolist())
+        want = len(set(a.tolist()) & set(b.tolist())) / len(union) if union else 1.0
+        assert minhash.jaccard(sa, sb) == pytest.approx(want)
+
+
 def test_bucket_links_link_every_bucket_member_to_its_smallest_rid():
     rng = np.random.default_rng(5)
     n, n_bands = 300, 4
