@@ -296,18 +296,23 @@ def test_jaccard_and_sorted_unique_match_python_sets():
         assert minhash.jaccard(sa, sb) == pytest.approx(want)
 
 
+def _buckets(bands: np.ndarray, rids: np.ndarray) -> list[list[int]]:
+    """The LSH buckets the plain way: the rids sharing a key, band by band (reference for the vectorized code)."""
+    out = []
+    for band in range(bands.shape[1]):
+        buckets: dict[int, list[int]] = {}
+        for i in range(bands.shape[0]):
+            buckets.setdefault(int(bands[i, band]), []).append(int(rids[i]))
+        out.extend(buckets.values())
+    return out
+
+
 def test_bucket_links_link_every_bucket_member_to_its_smallest_rid():
     rng = np.random.default_rng(5)
     n, n_bands = 300, 4
     rids = rng.choice(1 << 40, n, replace=False).astype(np.int64)
     bands = rng.integers(-30, 30, size=(n, n_bands), dtype=np.int64)
-    want = set()
-    for band in range(n_bands):
-        buckets: dict[int, list[int]] = {}
-        for i in range(n):
-            buckets.setdefault(int(bands[i, band]), []).append(int(rids[i]))
-        for members in buckets.values():
-            want.update((m, min(members)) for m in members if m != min(members))
+    want = {(m, min(members)) for members in _buckets(bands, rids) for m in members if m != min(members)}
     a, b = minhash.bucket_links(rids, bands)
     got = list(zip(a.tolist(), b.tolist(), strict=True))
     assert set(got) == want and len(got) == len(want)
@@ -321,13 +326,7 @@ def test_bucket_pairs_lists_what_candidate_pairs_lists_per_bucket():
     bands = rng.integers(0, 40, size=(n, n_bands), dtype=np.int64)  # small key range: big buckets
     bands[:150, 0] = 12345  # a template bucket larger than max_pairs_bucket
     pos = {int(r): i for i, r in enumerate(rids)}
-    want = set()
-    for band in range(n_bands):
-        buckets: dict[int, list[int]] = {}
-        for i in range(n):
-            buckets.setdefault(int(bands[i, band]), []).append(int(rids[i]))
-        for members in buckets.values():
-            want.update(minhash.candidate_pairs(members, 16))
+    want = {pair for members in _buckets(bands, rids) for pair in minhash.candidate_pairs(members, 16)}
     got = minhash.bucket_pairs(bands, rids, 16)
     pairs = [(int(rids[i]), int(rids[j])) for i, j in got.tolist()]
     assert pairs == sorted(want) and len(pairs) == len(set(pairs))
