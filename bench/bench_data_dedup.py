@@ -57,6 +57,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from corpus_data import build, jaccard, shingle_set  # noqa: E402
 
+from llmops_provider.spark_local import JAVA_OPTIONS_KEY, LOCAL_DRIVER_JAVA_OPTIONS  # noqa: E402
+
 PEERS = ["datatrove[processing]==0.10.1", "orjson", "spacy", "text-dedup==0.4.1"]  # datatrove needs orjson + spacy
 CORES = 2
 NUM_PERM, BANDS, ROWS, THRESHOLD, NGRAM = 100, 20, 5, 0.8, 5
@@ -176,6 +178,8 @@ def run_ours(name: str, work: Path, corpus: Path, near_only: bool) -> tuple[dict
     cmd = [
         str(Path(sys.executable).parent / "spark-submit"), "--master", f"local[{CORES}]", "--driver-memory", "2g",
         "--conf", "spark.ui.enabled=false", "--conf", "spark.sql.shuffle.partitions=8",
+        # the JVM options the data operator gives a local master (llmops_provider.spark_local)
+        "--conf", f"{JAVA_OPTIONS_KEY}={LOCAL_DRIVER_JAVA_OPTIONS}",
         str(ROOT / "spark_jobs" / "prepare_corpus.py"), "--input", str(corpus), "--output", str(out),
         "--recipe", str(recipe(work / f"{name}.yaml", corpus, near_only)),
     ]  # fmt: skip

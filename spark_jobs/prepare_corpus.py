@@ -8,7 +8,7 @@ Reads JSONL lines as raw bytes so that no line is lost to a lenient reader: ever
 line ends up kept in a split, quarantined (malformed, with a reason), excluded by a step
 (with the step and the reason) or counted as blank; per step, in = out + dropped, and the
 job refuses to publish when the files disagree with the counts. Steps (docs/data.md):
-parse -> normalize -> length -> language -> pii -> quality filters -> blocklist ->
+parse -> normalize -> length -> language -> quality filters -> blocklist -> pii ->
 exact dedup -> MinHash near dedup -> ids -> split -> tokenize + pack. Output is the
 dataset-version layout, written to a temporary sibling directory and renamed into place:
 
@@ -93,11 +93,15 @@ def _small(frame, rows: int):
 def _spark_session(master: str | None, app_name: str):
     from pyspark.sql import SparkSession
 
+    from llmops_provider.spark_local import local_defaults
+
     builder = SparkSession.builder.appName(app_name).config("spark.ui.showConsoleProgress", "false")
+    if "PYSPARK_GATEWAY_PORT" not in os.environ:  # plain `python`, not spark-submit: this starts the JVM
+        master = master or "local[*]"
+        for key, value in local_defaults(master, {}).items():  # JVM options for a short local run
+            builder = builder.config(key, value)
     if master:
         builder = builder.master(master)
-    elif "PYSPARK_GATEWAY_PORT" not in os.environ:  # plain `python`, not spark-submit
-        builder = builder.master("local[*]")
     spark = builder.getOrCreate()
     sc = spark.sparkContext
     if sc.master.startswith("local") and not sc.getConf().contains("spark.sql.shuffle.partitions"):
@@ -118,6 +122,7 @@ def _doc_schema():
 
     fields = [T.StructField(n, T.StringType()) for n in DOC_FIELDS]
     fields += [
+        T.StructField("chars", T.LongType()),  # len(text): the counts never read a text
         T.StructField("modified", T.ArrayType(T.StringType())),
         # near-dedup inputs of a kept document (null otherwise): LSH band keys, MinHash
         # signature (uint32 bytes) and its sorted word-shingle hash set (uint32 bytes)
@@ -153,7 +158,7 @@ def document_pass(batches, data, doc_steps, hasher=None, signing_s=None):
         rows, parsed = [], []
         for raw, source in zip(raws, sources, strict=True):
             row = dict.fromkeys(DOC_FIELDS)
-            row["source"], row["modified"] = source, None
+            row["source"], row["chars"], row["modified"] = source, None, None
             if not raw.strip():
                 row["status"] = "blank"
             else:
@@ -169,7 +174,7 @@ def document_pass(batches, data, doc_steps, hasher=None, signing_s=None):
         kept = []
         for (row, doc), dropped in zip(parsed, drops, strict=True):
             assign_id(doc)
-            row.update(id=doc.id, text=doc.text, modified=doc.modified or None)
+            row.update(id=doc.id, text=doc.text, chars=len(doc.text), modified=doc.modified or None)
             if dropped is not None:
                 row.update(status="excluded", step=dropped[0], reason=dropped[1], detail=dropped[2])
             else:
@@ -183,7 +188,7 @@ def document_pass(batches, data, doc_steps, hasher=None, signing_s=None):
                 row.update(bands=keys, sig=sig.tobytes(), shingles=shingles.astype(np.uint32).tobytes())
             if signing_s is not None:
                 signing_s.add(time.perf_counter() - signing_started)
-        cols = {name: [row.get(name) for row in rows] for name in (*DOC_FIELDS, "modified", *NEAR_FIELDS)}
+        cols = {name: [row.get(name) for row in rows] for name in (*DOC_FIELDS, "chars", "modified", *NEAR_FIELDS)}
         yield pa.RecordBatch.from_pydict(cols, schema=_arrow_schema())
 
 
@@ -192,7 +197,7 @@ def _arrow_schema():
 
     return pa.schema(
         [pa.field(n, pa.string()) for n in DOC_FIELDS]
-        + [pa.field("modified", pa.list_(pa.string()))]
+        + [pa.field("chars", pa.int64()), pa.field("modified", pa.list_(pa.string()))]
         + [pa.field("bands", pa.list_(pa.int64())), pa.field("sig", pa.binary()), pa.field("shingles", pa.binary())]
     )
 
@@ -512,7 +517,7 @@ def prepare(
 
     counts = (
         outcome.groupBy("status", "step", "reason", "file")
-        .agg(F.count("*").alias("n"), F.sum(F.length("text")).alias("chars"))
+        .agg(F.count("*").alias("n"), F.sum("chars").alias("chars"))
         .collect()
     )
     # a removal by dedup or ids never changes a text: the document pass alone knows the modifications
@@ -727,6 +732,7 @@ def main(argv: list[str] | None = None) -> int:
             "spark_app_id": spark.sparkContext.applicationId,
             "master": spark.sparkContext.master,
             "spark_version": spark.version,
+            "driver_java_options": spark.sparkContext.getConf().get("spark.driver.extraJavaOptions", None),
             "started_at": started,
             "duration_s": round(time.time() - started, 3),
             "timings_s": timings,

@@ -19,6 +19,7 @@ from typing import Any
 from llmops_provider import config, lineage
 from llmops_provider.compat import AirflowFailException, Asset, BaseHook, BaseOperator
 from llmops_provider.recipes import DataSpec, expand, load_recipe
+from llmops_provider.spark_local import local_defaults
 
 SPLITS = ("train", "validation", "test")
 STATS_FILE = "stats.json"
@@ -212,7 +213,7 @@ class SparkPrepareDataOperator(BaseOperator):
         self._hook = hook_cls(
             conn_id=conn_id,
             fallback_master=fallback,
-            conf={"spark.ui.showConsoleProgress": "false", **(self.spark_conf or {})},
+            conf=local_defaults(master, {"spark.ui.showConsoleProgress": "false", **(self.spark_conf or {})}),
             name=f"llmops-prepare-{recipe.name}",
             application_args=args,
             env_vars=self._job_env(master),

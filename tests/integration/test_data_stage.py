@@ -24,6 +24,7 @@ import yaml
 from llmops_provider import lineage
 from llmops_provider.compat import AirflowFailException, Asset
 from llmops_provider.datasets import tree_hash
+from llmops_provider.spark_local import LOCAL_DRIVER_JAVA_OPTIONS
 
 pytestmark = pytest.mark.integration
 
@@ -178,9 +179,9 @@ def test_every_record_is_accounted_for_per_step(staged):
         "normalize",
         "length",
         "language",
-        "pii",
         "gopher_repetition",
         "blocklist",
+        "pii",
         "exact_dedup",
         "near_dedup",
         "ids",
@@ -302,6 +303,9 @@ def test_operator_run_is_byte_identical_and_validates(corpus, staged, monkeypatc
 
     json.dumps(result)  # an XCom
     assert result["staging_dir"] == str(out) and result["spark_app_id"].startswith("local-")
+    # a local master gets the JVM options for short runs (llmops_provider.spark_local); the CLI run set none
+    assert LOCAL_DRIVER_JAVA_OPTIONS in json.loads((out / "_job.json").read_text())["driver_java_options"]
+    assert "TieredStopAtLevel" not in (json.loads((staged / "_job.json").read_text())["driver_java_options"] or "")
     assert result["stats"] == json.loads((staged / "stats.json").read_text())
     for name in DATA_FILES:
         assert (out / name).read_bytes() == (staged / name).read_bytes(), f"{name} differs between runs"

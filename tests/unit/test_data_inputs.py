@@ -33,3 +33,15 @@ def test_an_empty_landing_dir_fails_with_the_field_and_the_fix(tmp_path):
 def test_remote_sources_pass_through_unfingerprinted(tmp_path):
     files, fingerprint = _op()._resolve_inputs(["s3a://corpus/main/raw/"])
     assert files == ["s3a://corpus/main/raw/"] and fingerprint is None
+
+
+def test_local_masters_get_the_short_run_jvm_options_unless_set():
+    from llmops_provider.spark_local import JAVA_OPTIONS_KEY, LOCAL_DRIVER_JAVA_OPTIONS, local_defaults
+
+    conf = {"spark.ui.showConsoleProgress": "false"}
+    assert local_defaults("local[2]", conf) == {**conf, JAVA_OPTIONS_KEY: LOCAL_DRIVER_JAVA_OPTIONS}
+    assert "TieredStopAtLevel=1" in LOCAL_DRIVER_JAVA_OPTIONS
+    for master in ("spark://head:7077", "k8s://https://api:6443", "yarn"):
+        assert local_defaults(master, conf) == conf  # long-lived executors keep the JVM's defaults
+    mine = {JAVA_OPTIONS_KEY: "-Xss4m"}
+    assert local_defaults("local[*]", mine) == mine  # the user's own options win

@@ -96,6 +96,37 @@ def test_pii_redaction_of_each_kind():
     assert "192.168.10.7" in only_email.text and "<EMAIL>" in only_email.text
 
 
+def _redact_without_hints(text: str, kinds: list[str]) -> str:
+    for kind, _, pattern, replacement in st.PII_PATTERNS:
+        if kind in kinds:
+            text = pattern.sub(replacement, text)
+    return text
+
+
+def test_pii_hints_only_skip_documents_without_a_match():
+    """The cheap pre-checks never change what is redacted: same text as every pattern run blindly."""
+    kinds = ["email", "ip", "phone", "key"]
+    texts = [
+        ENGLISH,
+        "TOKEN: 'abcdEFGH1234ijklMNOP' and Api-Key=ZYXWVUTSRQPONMLK0123 and passwd = hunter2hunter2hunter2",
+        "to\u212aen: abcdefghijklmnopqrst (a Kelvin sign: re's ignore-case reads it as k)",
+        "\u017fecret=abcdefghijklmnopqrst (a long s)",
+        "token is not followed by a separator here; key = short; secret: x",
+        "ring 555 123-4567, fax (030) 1234 5678, +44 20 7946 0958; serial 1234-5678-90",
+        "hosts 10.0.0.1, 256.1.1.1 and 1.2.3.4.5; v1.2.3; fe80:0000:0000:0000:0202:b3ff:fe1e:8329 ::1",
+        "keys AKIAABCDEFGHIJKLMNOP ghs_" + "b" * 40 + " xoxb-1234567890-abc sk-" + "c" * 24,
+        "-----BEGIN RSA PRIVATE KEY-----\nMIIB\n-----END RSA PRIVATE KEY----- mail x.y@example.org",
+        "",
+    ]
+    for text in texts:
+        doc = _doc(text)
+        st.RedactPII(kinds)(doc)
+        assert doc.text == _redact_without_hints(text, kinds), text
+    redacted = _doc(texts[2])
+    st.RedactPII(["key"])(redacted)
+    assert "<KEY>" in redacted.text  # the case-folded hint found the Kelvin-sign "token"
+
+
 # -- filters: published heuristics with recipe thresholds --------------------------------
 
 
@@ -208,7 +239,7 @@ def test_run_steps_batch_agrees_with_one_document_at_a_time():
 
 def test_run_steps_reports_first_drop_and_modifying_steps():
     steps = st.build_steps(_data(min_chars=40))
-    assert [s.name for s in steps] == ["normalize", "length", "language", "pii", "gopher_repetition"]
+    assert [s.name for s in steps] == ["normalize", "length", "language", "gopher_repetition", "pii"]
     doc = _doc("  " + ENGLISH + " Write to ops@example.com.  ")
     assert st.run_steps(doc, steps) is None and doc.modified == ["normalize", "pii"]
     assert st.run_steps(_doc("short"), steps) == ("length", "text_too_short", "5 < 40 chars")
