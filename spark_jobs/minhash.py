@@ -134,6 +134,29 @@ def repeats(grams: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return starts, lengths, (keys & np.uint64(0xFFFFFFFF)).astype(np.int64)
 
 
+def top_repeat(grams: np.ndarray) -> tuple[int, int]:
+    """``(count, first position)`` of the most frequent value of ``grams`` (ties: the smallest
+    value, as :func:`repeats` and ``np.unique`` order them); position -1 when no value repeats.
+
+    One plain sort of the values (no positions carried along) and one scan for the winner's first
+    occurrence: ~2.5x cheaper than :func:`repeats` when only the top value matters.
+    """
+    if grams.size == 0:
+        return 0, -1
+    values = np.sort(grams)
+    bounds = np.empty(values.size + 1, dtype=np.int64)  # run boundaries, at most size + 1 of them
+    ends = np.flatnonzero(values[1:] != values[:-1])
+    k = ends.size
+    bounds[0], bounds[k + 1] = -1, values.size - 1
+    bounds[1 : k + 1] = ends
+    lengths = np.diff(bounds[: k + 2])
+    top = int(lengths.argmax())
+    count = int(lengths[top])
+    if count < 2:
+        return count, -1
+    return count, int((grams == values[bounds[top + 1]]).argmax())
+
+
 def sorted_unique(values: np.ndarray) -> np.ndarray:
     """``np.unique(values)`` for a 1-D array: sort and drop repeats (7x faster than ``np.unique``
     on a few hundred values with numpy 2.4, whose hash-based path costs ~50 us per call)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import re
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -325,6 +326,28 @@ def test_jaccard_and_sorted_unique_match_python_sets():
         union = set(a.tolist()) | set(b.tolist())
         want = len(set(a.tolist()) & set(b.tolist())) / len(union) if union else 1.0
         assert minhash.jaccard(sa, sb) == pytest.approx(want)
+
+
+def test_top_repeat_is_the_most_frequent_value_and_its_first_position():
+    rng = np.random.default_rng(5)
+    cases = [np.array([], np.uint32), np.array([7], np.uint32), np.array([3, 1, 2], np.uint32)]
+    for _ in range(300):
+        pool = rng.integers(0, 1 << 32, size=rng.integers(1, 30), dtype=np.uint64).astype(np.uint32)
+        cases.append(rng.choice(np.append(pool, np.uint32(0xFFFFFFFF)), size=rng.integers(1, 80)))
+    for grams in cases:
+        values = grams.tolist()
+        tally = Counter(values)
+        want_count = max(tally.values(), default=0)
+        count, first = minhash.top_repeat(grams)
+        assert count == want_count
+        if want_count < 2:
+            assert first == -1
+        else:  # ties: the smallest value, as repeats() and np.unique order them
+            winner = min(v for v, c in tally.items() if c == want_count)
+            assert first == values.index(winner)
+            starts, lengths, positions = minhash.repeats(grams)
+            top = int(np.argmax(lengths))
+            assert (count, first) == (int(lengths[top]), int(positions[starts[top]]))
 
 
 def _buckets(bands: np.ndarray, rids: np.ndarray) -> list[list[int]]:
