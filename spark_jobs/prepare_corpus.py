@@ -31,6 +31,7 @@ need only ``spark_jobs`` (shipped with ``addPyFile`` on a cluster).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -76,6 +77,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 LOCAL_LSH_MAX_ROWS = 4_000_000  # (doc, band) rows grouped on the driver (~100 MB) rather than shuffled
 LOCAL_VERIFY_MAX_BYTES = 128 << 20  # candidates' shingle sets verified on the driver rather than shuffled
+LOCAL_PARTS_MAX_ROWS = 2_000_000  # local masters: records written from part files, their keys sorted on the driver
 BROADCAST_MAX_ROWS = 2_000_000  # removal lists up to this size are broadcast to the tasks holding texts
 
 
@@ -515,16 +517,64 @@ def prepare(
         .drop("r_step", "r_reason", "r_detail")
     )  # not cached: a broadcast join over the cached documents, cheaper to redo than to copy every text
 
-    counts = (
-        outcome.groupBy("status", "step", "reason", "file")
-        .agg(F.count("*").alias("n"), F.sum("chars").alias("chars"))
-        .collect()
-    )
-    # a removal by dedup or ids never changes a text: the document pass alone knows the modifications
-    modified = dict(docs.select(F.explode("modified").alias("step")).groupBy("step").count().collect())
-    stats = _stats(counts, modified, names, input_lines)
-    log(f"outcomes counted: {stats['kept']} kept, {stats['excluded']} excluded, {stats['quarantined']} quarantined")
-    phase("outcomes")
+    # one sorted pass: documents by id within each split, exclusions by step order and id,
+    # quarantine by source, reason and line
+    order = F.create_map(*[x for i, n in enumerate(names) for x in (F.lit(n), F.lit(i))])
+    key1 = F.when(F.col("file") == "excluded", order[F.col("step")]).otherwise(F.lit(0))
+    key2 = F.when(F.col("file") == "quarantine", F.col("source")).otherwise(F.col("id"))
+    sort_keys = ("file", key1, key2, "reason", "source", "line", "hash")
+    parts_max = int(spark.conf.get("spark.llmops.write.localPartsMaxRows", str(LOCAL_PARTS_MAX_ROWS)))
+    via_files = spark.sparkContext.master.startswith("local") and input_lines <= parts_max
+    stats = None
+    if not via_files:
+        counts = (
+            outcome.groupBy("status", "step", "reason", "file")
+            .agg(F.count("*").alias("n"), F.sum("chars").alias("chars"))
+            .collect()
+        )
+        # a removal by dedup or ids never changes a text: the document pass alone knows the modifications
+        modified = dict(docs.select(F.explode("modified").alias("step")).groupBy("step").count().collect())
+        stats = _stats(counts, modified, names, input_lines)
+        log(f"outcomes counted: {stats['kept']} kept, {stats['excluded']} excluded, {stats['quarantined']} quarantined")
+        phase("outcomes")
+    files = (*SPLITS, "quarantine", "excluded")
+    cols = ("file", "id", "text", "line", "step", "reason", "detail", "source")
+    handles = {n: (output_tmp / f"{n}.jsonl").open("wb") for n in files}  # UTF-8 JSON lines
+    written = dict.fromkeys(files, 0)
+    try:
+        if via_files:
+            # the tasks share this machine's disk: each writes its rows' JSON lines to a part file
+            # and returns where each line sits with its sort keys; the driver sorts those keys and
+            # copies the lines into place (no shuffle of the texts, no texts through the driver)
+            # every line's outcome comes back with its place: the counts need no pass of their own
+            keyed = outcome.select(*cols, "status", "chars", "modified", key1.alias("_k1"), key2.alias("_k2"), "hash")
+            outcomes = _write_via_parts(keyed, output_tmp / "_parts", handles, written)
+            where = "from part files"
+        else:
+            # the driver writes the files one sorted partition at a time: size partitions so that one
+            # partition (a task result held in the driver's heap) stays small whatever the corpus size
+            total_chars = sum((r["chars"] or 0) for r in counts)
+            n_parts = max(spark.sparkContext.defaultParallelism, -(-total_chars // OUTPUT_PARTITION_CHARS))
+            rows = (
+                outcome.filter(F.col("file").isNotNull())
+                .repartitionByRange(n_parts, *sort_keys)
+                .sortWithinPartitions(*sort_keys)
+            )
+            # the tasks encode the JSON lines (in parallel, order kept); the driver only appends them,
+            # fetching the next sorted partition while it writes this one (two partitions in memory)
+            lines = rows.select(*cols).mapInArrow(_encode_records, "file string, json string")
+            for r in lines.toLocalIterator(prefetchPartitions=True):
+                handles[r[0]].write(r[1].encode("utf-8"))
+                written[r[0]] += 1
+            where = f"sorted in Spark ({n_parts} partitions)"
+    finally:
+        for fh in handles.values():
+            fh.close()
+    if stats is None:
+        stats = _stats(*_counts(outcomes), names, input_lines)
+        log(f"outcomes counted: {stats['kept']} kept, {stats['excluded']} excluded, {stats['quarantined']} quarantined")
+    log(f"wrote {sum(written.values())} records ({where}): {written}")
+    phase("write")
     if clusters is not None:
         stats["near_dedup"] = {
             **clusters,
@@ -534,38 +584,6 @@ def prepare(
             "rows": nd.rows,
             "shingle_size": nd.shingle_size,
         }
-
-    # one sorted pass: documents by id within each split, exclusions by step order and id,
-    # quarantine by source, reason and line
-    order = F.create_map(*[x for i, n in enumerate(names) for x in (F.lit(n), F.lit(i))])
-    key1 = F.when(F.col("file") == "excluded", order[F.col("step")]).otherwise(F.lit(0))
-    key2 = F.when(F.col("file") == "quarantine", F.col("source")).otherwise(F.col("id"))
-    sort_keys = ("file", key1, key2, "reason", "source", "line", "hash")
-    # the driver writes the files one sorted partition at a time: size partitions so that one
-    # partition (a task result held in the driver's heap) stays small whatever the corpus size
-    total_chars = sum((r["chars"] or 0) for r in counts)
-    n_parts = max(spark.sparkContext.defaultParallelism, -(-total_chars // OUTPUT_PARTITION_CHARS))
-    rows = (
-        outcome.filter(F.col("file").isNotNull())
-        .repartitionByRange(n_parts, *sort_keys)
-        .sortWithinPartitions(*sort_keys)
-    )
-    files = (*SPLITS, "quarantine", "excluded")
-    handles = {n: (output_tmp / f"{n}.jsonl").open("w", encoding="utf-8", newline="\n") for n in files}
-    written = dict.fromkeys(files, 0)
-    try:
-        cols = ("file", "id", "text", "line", "step", "reason", "detail", "source")
-        # the tasks encode the JSON lines (in parallel, order kept); the driver only appends them,
-        # fetching the next sorted partition while it writes this one (two partitions in memory)
-        lines = rows.select(*cols).mapInArrow(_encode_records, "file string, json string")
-        for r in lines.toLocalIterator(prefetchPartitions=True):
-            handles[r[0]].write(r[1])
-            written[r[0]] += 1
-    finally:
-        for fh in handles.values():
-            fh.close()
-    log(f"wrote {sum(written.values())} records: {written}")
-    phase("write")
     _check_accounting(stats, written)
     packed = None
     if tokenizer is not None and tokenizer.pack:
@@ -579,29 +597,113 @@ def prepare(
     return stats, packed
 
 
+# (name, Spark type) of what a part-file task returns per row: the sort keys in ``prepare``'s
+# order, then where the row's JSON line sits
+_PART_SCHEMA = (("file", "string"), ("_k1", "int"), ("_k2", "string"), ("reason", "string"), ("source", "string"),
+                ("line", "string"), ("hash", "string"), ("status", "string"), ("step", "string"), ("chars", "long"),
+                ("modified", "array<string>"), ("part", "string"), ("offset", "long"), ("size", "long"))  # fmt: skip
+_SORT_KEYS = 7  # the first seven fields
+_PASSED = 11  # the fields passed through from the input rows
+
+
+def _write_via_parts(keyed, parts: Path, handles: dict, written: dict):
+    """The output files from part files the tasks wrote (local masters: one shared disk); returns
+    every line's outcome (an Arrow table: status, step, reason, file, chars, modified).
+
+    The order is Spark's ascending sort of the same keys: nulls first, strings by their UTF-8
+    bytes, so this path writes the bytes the shuffle-and-sort path writes (the integration test
+    compares them).
+    """
+    import pyarrow.compute as pc
+
+    parts.mkdir()
+    try:
+        where = str(parts)
+        table = keyed.mapInArrow(
+            lambda batches: _encode_to_part(batches, where), ", ".join(f"{n} {t}" for n, t in _PART_SCHEMA)
+        ).toArrow()
+        order = pc.sort_indices(
+            table, sort_keys=[(n, "ascending") for n, _ in _PART_SCHEMA[:_SORT_KEYS]], null_placement="at_start"
+        )
+        placed = table.select(["file", "part", "offset", "size"]).take(order)
+        fds: dict[str, int] = {}
+        try:
+            for name, part, offset, size in zip(*(placed.column(k).to_pylist() for k in range(4)), strict=True):
+                if name is None:  # a blank line: counted, written nowhere
+                    continue
+                fd = fds.get(part)
+                if fd is None:
+                    fd = fds[part] = os.open(part, os.O_RDONLY)
+                handles[name].write(os.pread(fd, size, offset))
+                written[name] += 1
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+    finally:
+        shutil.rmtree(parts, ignore_errors=True)
+    return table.select(["status", "step", "reason", "file", "chars", "modified"])
+
+
+def _counts(outcomes) -> tuple[list[dict], dict]:
+    """The outcome counts (the Spark aggregation's rows) and the modifications per step, from
+    :func:`_write_via_parts`'s table."""
+    import pyarrow.compute as pc
+
+    keys = ["status", "step", "reason", "file"]
+    grouped = outcomes.group_by(keys, use_threads=False).aggregate([("status", "count"), ("chars", "sum")])
+    counts = [{**{k: row[k] for k in keys}, "n": row["status_count"], "chars": row["chars_sum"]}
+              for row in grouped.to_pylist()]  # fmt: skip
+    steps = pc.value_counts(pc.list_flatten(outcomes.column("modified")))
+    modified = dict(zip(steps.field("values").to_pylist(), steps.field("counts").to_pylist(), strict=True))
+    return counts, modified
+
+
+def _encode_to_part(batches, parts: str):
+    """Runs in a task: the JSON line of each row appended to this task's own part file; yields the
+    rows' sort keys and (part file, offset, size) of their lines."""
+    import pyarrow as pa
+
+    path = os.path.join(parts, f"part-{uuid.uuid4().hex}.jsonl")  # a retried task writes a new file
+    names = [n for n, _ in _PART_SCHEMA]
+    offset = 0
+    with open(path, "wb") as fh:
+        for batch in batches:
+            lines = [line.encode("utf-8") for line in _json_lines(batch)]
+            sizes = [len(line) for line in lines]
+            offsets = list(itertools.accumulate(sizes, initial=offset))
+            fh.write(b"".join(lines))
+            offset = offsets.pop()
+            yield pa.RecordBatch.from_arrays(
+                [*(batch.column(n) for n, _ in _PART_SCHEMA[:_PASSED]), pa.array([path] * len(lines), pa.string()),
+                 pa.array(offsets, pa.int64()), pa.array(sizes, pa.int64())], names=names,
+            )  # fmt: skip
+
+
 def _encode_records(batches):
     """Arrow batches of output rows -> (file, JSON line with its newline), in the same order."""
     import pyarrow as pa
 
     schema = pa.schema([("file", pa.string()), ("json", pa.string())])
     for batch in batches:
-        out = []
-        for r in batch.to_pylist():
-            if r["file"] == "quarantine":
-                rec = {"line": r["line"], "reason": r["reason"], "source": r["source"]}
-            elif r["file"] == "excluded":
-                rec = {
-                    "id": r["id"],
-                    "step": r["step"],
-                    "reason": r["reason"],
-                    "detail": r["detail"],
-                    "source": r["source"],
-                    "text": r["text"],
-                }
-            else:
-                rec = {"id": r["id"], "text": r["text"]}
-            out.append(json.dumps(rec, ensure_ascii=False) + "\n")
-        yield pa.RecordBatch.from_pydict({"file": batch.column("file"), "json": out}, schema=schema)
+        yield pa.RecordBatch.from_pydict({"file": batch.column("file"), "json": _json_lines(batch)}, schema=schema)
+
+
+def _json_lines(batch) -> list[str]:
+    """The JSON line (with its newline) that each row of ``batch`` gets in its output file ("" for a
+    blank line, which goes to no file)."""
+    out = []
+    for r in batch.select(["file", "id", "text", "line", "step", "reason", "detail", "source"]).to_pylist():
+        if r["file"] is None:
+            rec = None
+        elif r["file"] == "quarantine":
+            rec = {"line": r["line"], "reason": r["reason"], "source": r["source"]}
+        elif r["file"] == "excluded":
+            rec = {"id": r["id"], "step": r["step"], "reason": r["reason"], "detail": r["detail"],
+                   "source": r["source"], "text": r["text"]}  # fmt: skip
+        else:
+            rec = {"id": r["id"], "text": r["text"]}
+        out.append("" if rec is None else json.dumps(rec, ensure_ascii=False) + "\n")
+    return out
 
 
 def _stats(counts, modified: dict, names: list[str], input_lines: int) -> dict:

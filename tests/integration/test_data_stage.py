@@ -295,9 +295,15 @@ def test_operator_run_is_byte_identical_and_validates(corpus, staged, monkeypatc
 
     monkeypatch.setenv("AIRFLOW_CONN_SPARK_DEFAULT", json.dumps({"conn_type": "spark", "host": "local[2]"}))
     out = corpus.work / "staged-operator"
-    # this run groups the LSH buckets and verifies the candidates in Spark (the paths for large
-    # corpora), the CLI run on the driver: the dataset must not depend on which
-    conf = {**SPARK_CONF, "spark.llmops.lsh.localMaxRows": "0", "spark.llmops.verify.localMaxBytes": "0"}
+    # this run groups the LSH buckets, verifies the candidates and sorts the output in Spark (the
+    # paths for large corpora and clusters), the CLI run on the driver and from part files: the
+    # dataset must not depend on which
+    conf = {
+        **SPARK_CONF,
+        "spark.llmops.lsh.localMaxRows": "0",
+        "spark.llmops.verify.localMaxBytes": "0",
+        "spark.llmops.write.localPartsMaxRows": "0",  # the shuffle-and-sort write, as on a cluster
+    }
     op = SparkPrepareDataOperator(task_id="prepare", recipe_path=str(corpus.recipe), staging_dir=str(out), spark_conf=conf)
     result = op.execute(_context())
 
