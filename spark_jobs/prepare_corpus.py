@@ -266,7 +266,11 @@ def near_duplicates(spark, ok, spec, log, max_docs: int | None = None) -> tuple[
     return _near_duplicates(spark, ok, ok.select("rid", "bands", "sig", "shingles"), spec, log, max_docs)
 
 
-def _near_duplicates(spark, ok, signed, spec, log, max_docs) -> tuple[list[tuple[int, int, str]], dict]:
+def _near_duplicates(
+    spark, ok, signed, spec, log, max_docs, local=None
+) -> tuple[list[tuple[int, int, str]], dict]:
+    """``local``: the candidates already collected (Arrow: rid, doc_rid, id, source, hash, bands, n),
+    from :func:`_dedup_on_driver`; ``ok`` is then the documents keyed by ``doc_rid``."""
     import numpy as np
     import pyarrow as pa
     from pyspark.sql import Window
@@ -276,8 +280,8 @@ def _near_duplicates(spark, ok, signed, spec, log, max_docs) -> tuple[list[tuple
 
     local_max = int(spark.conf.get("spark.llmops.lsh.localMaxRows", str(LOCAL_LSH_MAX_ROWS)))
     shingle_bytes = None  # {rid: size of its shingle set}, known when the driver groups the buckets
-    if max_docs is not None and max_docs * spec.bands <= local_max:
-        table = signed.select("rid", "bands", F.length("shingles").alias("n")).toArrow()
+    if local is not None or (max_docs is not None and max_docs * spec.bands <= local_max):
+        table = local if local is not None else signed.select("rid", "bands", F.length("shingles").alias("n")).toArrow()
         keys = table.column("bands").combine_chunks().flatten().to_numpy()
         all_rids = table.column("rid").to_numpy()
         rid, root = minhash.bucket_links(all_rids, keys.reshape(table.num_rows, spec.bands))
@@ -305,10 +309,19 @@ def _near_duplicates(spark, ok, signed, spec, log, max_docs) -> tuple[list[tuple
         f"near_dedup: {ids.size} LSH candidates in {comp_sizes.size} components (largest {comp_sizes.max()}; "
         f"buckets grouped {where})"
     )
-    comp = spark.createDataFrame(pa.table({"rid": ids, "comp": labels}))
     threshold, max_pairs = spec.threshold, spec.max_bucket_pairs
     min_estimate = max(0.0, threshold - spec.estimate_margin)
-    candidates = ok.select("rid", "shingles", "bands", "sig").join(F.broadcast(comp), "rid")  # only they move on
+    if local is None:
+        comp = spark.createDataFrame(pa.table({"rid": ids, "comp": labels}))
+        candidates = ok.select("rid", "shingles", "bands", "sig").join(F.broadcast(comp), "rid")  # only they move on
+    else:  # fetched by the document's own key (an exact duplicate shares the content key)
+        doc_rids = pa.table({"rid": local.column("rid"), "doc_rid": local.column("doc_rid")})
+        comp = pa.table({"rid": ids, "comp": labels}).join(doc_rids, "rid")
+        candidates = (
+            ok.select(F.col("rid").alias("doc_rid"), "shingles", "bands", "sig")
+            .join(F.broadcast(spark.createDataFrame(comp)), "doc_rid")
+            .drop("doc_rid")
+        )
     local_max = int(spark.conf.get("spark.llmops.verify.localMaxBytes", str(LOCAL_VERIFY_MAX_BYTES)))
     size = None
     if shingle_bytes is not None:
@@ -341,11 +354,15 @@ def _near_duplicates(spark, ok, signed, spec, log, max_docs) -> tuple[list[tuple
     if not edges:
         return [], {**empty, "lsh_candidates": int(ids.size)}
     involved = sorted({e["a"] for e in edges} | {e["b"] for e in edges})
-    wanted = spark.createDataFrame(pa.table({"rid": pa.array(involved, pa.int64())}))
-    names = {
-        r["rid"]: (r["id"], r["source"] or "", r["hash"])
-        for r in ok.select("rid", "id", "source", "hash").join(F.broadcast(wanted), "rid").collect()
-    }
+    if local is None:
+        wanted = spark.createDataFrame(pa.table({"rid": pa.array(involved, pa.int64())}))
+        names = {
+            r["rid"]: (r["id"], r["source"] or "", r["hash"])
+            for r in ok.select("rid", "id", "source", "hash").join(F.broadcast(wanted), "rid").collect()
+        }
+    else:
+        cols = [local.column(k).to_pylist() for k in ("rid", "id", "source", "hash")]
+        names = {rid: (i, src or "", h) for rid, i, src, h in zip(*cols, strict=True)}
     removed = minhash.clusters(((e["a"], e["b"]) for e in edges), names)
     sizes: dict[int, int] = {}
     for keep in removed.values():
@@ -367,62 +384,86 @@ def _near_duplicates(spark, ok, signed, spec, log, max_docs) -> tuple[list[tuple
     }
 
 
-def prepare(
-    spark,
-    inputs: list[str],
-    data,
-    output_tmp: Path,
-    doc_steps: list,
-    log=print,
-    tokenizer=None,
-    seq_len: int = 0,
-    timings: dict[str, float] | None = None,
-) -> tuple[dict, dict | None]:
-    """Run the pipeline on ``inputs`` and write the dataset files into ``output_tmp``.
 
-    Every line gets exactly one outcome: blank, quarantined (malformed, step ``parse``),
-    excluded (dropped by a step, with the reason) or kept in a split. The stats count
-    each step's input, output and drops by reason; the job checks that they add up and
-    that the files hold exactly what the stats say. ``timings`` receives the wall seconds of
-    each phase (they go to ``_job.json``, never into the dataset version).
+def _dedup_on_driver(spark, ok, data, log, phase):
+    """Exact dedup, near dedup and the id check with the kept documents' keys collected to the
+    driver (no text): ``(removed, n_removed, clusters)`` as :func:`_dedup_in_spark` answers.
+
+    Orders are the Spark plans' (ascending, strings by UTF-8 bytes; the keys are never null for
+    a kept document): exact dedup keeps the smallest (id, source, rid) of each content hash, near
+    dedup runs :func:`_near_duplicates` over the survivors keyed by their content, and the id check
+    keeps the smallest (hash, source, rid) of each id among what is left.
     """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as F
+
+    nd = data.near_dedup
+    cols = ["rid", "id", "source", "hash"]
+    if nd.enabled:
+        table = ok.select(*cols, "bands", F.length("shingles").alias("n")).toArrow()
+    else:
+        table = ok.select(*cols).toArrow()
+    rids, ids, _, hashes = (table.column(k).to_pylist() for k in cols)
+    removals: list[tuple[int, str, str, str]] = []  # (rid, step, reason, detail)
+    alive = [True] * table.num_rows
+    if data.dedup == "exact" or nd.enabled:
+        # without the exact step, identical texts (Jaccard 1) are near-duplicates and removed as such
+        step, reason = ("exact_dedup", "exact_duplicate") if data.dedup == "exact" else ("near_dedup", "near_duplicate")
+        order = pc.sort_indices(table, [(k, "ascending") for k in ("hash", "id", "source", "rid")]).to_pylist()
+        first_of: dict[str, str] = {}  # content hash -> the id of its first copy
+        for i in order:
+            if hashes[i] in first_of:
+                alive[i] = False
+                removals.append((rids[i], step, reason, f"duplicate of {first_of[hashes[i]]}"))
+            else:
+                first_of[hashes[i]] = ids[i]
+        log(f"{step}: {len(removals)} exact duplicates (on the driver)")
+    phase("exact_dedup")  # the collect of the keys included
+    clusters = None
+    if nd.enabled:
+        keep = pa.array(alive)
+        survivors = table.filter(keep)
+        nkeys = pa.array([int(h[:15], 16) for h in survivors.column("hash").to_pylist()], pa.int64())
+        local = survivors.rename_columns(["doc_rid", "id", "source", "hash", "bands", "n"]).append_column("rid", nkeys)
+        by_key = dict(zip(nkeys.to_pylist(), local.column("doc_rid").to_pylist(), strict=True))
+        near, clusters = _near_duplicates(spark, ok, None, nd, log, None, local=local)
+        position = {rid: i for i, rid in enumerate(rids)}
+        for nkey, _, detail in near:
+            alive[position[by_key[nkey]]] = False
+            removals.append((by_key[nkey], "near_dedup", "near_duplicate", detail))
+        phase("near_dedup")
+    # an id naming two different texts would make the splits ambiguous: keep one, exclude the rest
+    order = pc.sort_indices(table, [(k, "ascending") for k in ("id", "hash", "source", "rid")]).to_pylist()
+    seen: set[str] = set()
+    for i in order:
+        if not alive[i]:
+            continue
+        if ids[i] in seen:
+            removals.append((rids[i], "ids", "duplicate_id", "another document with different text has this id"))
+        seen.add(ids[i])
+    removed = spark.createDataFrame(
+        pa.table(
+            {
+                "rid": pa.array([r[0] for r in removals], pa.int64()),
+                "r_step": pa.array([r[1] for r in removals], pa.string()),
+                "r_reason": pa.array([r[2] for r in removals], pa.string()),
+                "r_detail": pa.array([r[3] for r in removals], pa.string()),
+            }
+        )
+    ).persist(StorageLevel.MEMORY_AND_DISK)
+    return removed, len(removals), clusters
+
+
+def _dedup_in_spark(spark, docs, data, log, input_lines, phase):
+    """Exact dedup, near dedup and the id check as Spark plans: ``(removed, n_removed, clusters)``,
+    ``removed`` the persisted (rid, r_step, r_reason, r_detail) frame of every removal."""
     from pyspark import StorageLevel
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
-    from spark_jobs.steps import step_names
-    from spark_jobs.tokenization import pack_version
-
-    names = step_names(doc_steps, data)
     nd = data.near_dedup
-    timings = {} if timings is None else timings
-    phase_started = [time.time()]
-
-    def phase(name: str) -> None:
-        now = time.time()
-        timings[name] = round(now - phase_started[0], 2)
-        phase_started[0] = now
-
-    # the raw bytes of each line (a cast keeps them as read), so invalid UTF-8 is seen, not replaced
-    lines = spark.read.text(inputs).select(
-        F.col("value").cast("binary").alias("raw"), F.col("_metadata.file_path").alias("source")
-    )
-    hasher = signing_s = None
-    if nd.enabled:
-        from spark_jobs import minhash
-
-        hasher = minhash.MinHasher(nd.num_perm, nd.bands, nd.rows, nd.seed)
-        signing_s = spark.sparkContext.accumulator(0.0)
-    docs = lines.mapInArrow(
-        lambda batches: document_pass(batches, data, doc_steps, hasher, signing_s), _doc_schema()
-    ).withColumn("rid", F.monotonically_increasing_id())
-    docs = docs.persist(StorageLevel.MEMORY_AND_DISK)
-    input_lines = docs.count()
-    log(f"document steps done: {input_lines} lines")
-    phase("documents")
-    if signing_s is not None:  # task seconds (summed over the parallel tasks) of MinHash signing
-        timings["near_dedup_signing_task_s"] = round(signing_s.value, 2)
-
     ok = docs.filter(F.col("status") == "ok")
     removals = []  # small frames of (rid, step, reason, detail): only ids travel, never texts
     n_removed = 0
@@ -494,6 +535,72 @@ def prepare(
         .withColumnRenamed("detail", "r_detail")
         .persist(StorageLevel.MEMORY_AND_DISK)  # ids only; used by each pass below
     )
+    return removed, n_removed, clusters
+
+def prepare(
+    spark,
+    inputs: list[str],
+    data,
+    output_tmp: Path,
+    doc_steps: list,
+    log=print,
+    tokenizer=None,
+    seq_len: int = 0,
+    timings: dict[str, float] | None = None,
+) -> tuple[dict, dict | None]:
+    """Run the pipeline on ``inputs`` and write the dataset files into ``output_tmp``.
+
+    Every line gets exactly one outcome: blank, quarantined (malformed, step ``parse``),
+    excluded (dropped by a step, with the reason) or kept in a split. The stats count
+    each step's input, output and drops by reason; the job checks that they add up and
+    that the files hold exactly what the stats say. ``timings`` receives the wall seconds of
+    each phase (they go to ``_job.json``, never into the dataset version).
+    """
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as F
+
+    from spark_jobs.steps import step_names
+    from spark_jobs.tokenization import pack_version
+
+    names = step_names(doc_steps, data)
+    nd = data.near_dedup
+    timings = {} if timings is None else timings
+    phase_started = [time.time()]
+
+    def phase(name: str) -> None:
+        now = time.time()
+        timings[name] = round(now - phase_started[0], 2)
+        phase_started[0] = now
+
+    # the raw bytes of each line (a cast keeps them as read), so invalid UTF-8 is seen, not replaced
+    lines = spark.read.text(inputs).select(
+        F.col("value").cast("binary").alias("raw"), F.col("_metadata.file_path").alias("source")
+    )
+    hasher = signing_s = None
+    if nd.enabled:
+        from spark_jobs import minhash
+
+        hasher = minhash.MinHasher(nd.num_perm, nd.bands, nd.rows, nd.seed)
+        signing_s = spark.sparkContext.accumulator(0.0)
+    docs = lines.mapInArrow(
+        lambda batches: document_pass(batches, data, doc_steps, hasher, signing_s), _doc_schema()
+    ).withColumn("rid", F.monotonically_increasing_id())
+    docs = docs.persist(StorageLevel.MEMORY_AND_DISK)
+    input_lines = docs.count()
+    log(f"document steps done: {input_lines} lines")
+    phase("documents")
+    if signing_s is not None:  # task seconds (summed over the parallel tasks) of MinHash signing
+        timings["near_dedup_signing_task_s"] = round(signing_s.value, 2)
+
+    ok = docs.filter(F.col("status") == "ok")
+    dedup_max = int(spark.conf.get("spark.llmops.lsh.localMaxRows", str(LOCAL_LSH_MAX_ROWS)))
+    if (data.dedup == "exact" or nd.enabled) and 0 < dedup_max and input_lines * max(1, nd.bands) <= dedup_max:
+        # small enough for the driver: one collect of the kept documents' keys (no text), then exact
+        # dedup, LSH, clustering and the id check there; verification fetches only the candidates'
+        # shingle sets. Same decisions as the Spark plans (the integration test runs both ways).
+        removed, n_removed, clusters = _dedup_on_driver(spark, ok, data, log, phase)
+    else:
+        removed, n_removed, clusters = _dedup_in_spark(spark, docs, data, log, input_lines, phase)
 
     # the split depends on the content alone: a document never moves between splits across runs
     train_cut = data.splits["train"]
