@@ -109,6 +109,10 @@ def _spark_session(master: str | None, app_name: str):
     if sc.master.startswith("local") and not sc.getConf().contains("spark.sql.shuffle.partitions"):
         # 200 shuffle partitions on one machine is mostly per-task overhead
         spark.conf.set("spark.sql.shuffle.partitions", str(max(2, 2 * sc.defaultParallelism)))
+    if sc.master.startswith("local") and not sc.getConf().contains("spark.sql.files.minPartitionNum"):
+        # input splits of about a quarter of a core's share: Spark's default (one share per core)
+        # left a 2-core run with 3 uneven splits, one core idle for the last of them
+        spark.conf.set("spark.sql.files.minPartitionNum", str(4 * sc.defaultParallelism))
     return spark
 
 
