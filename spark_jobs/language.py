@@ -20,16 +20,50 @@ import numpy as np
 from spark_jobs import minhash
 
 _MODEL = None
+CACHE_VERSION = 1  # bump when the cached arrays change
 
 
 def model() -> BatchIdentifier:
-    """The shipped model, loaded once per Python worker (~0.5 s)."""
+    """The shipped model, loaded once per Python worker.
+
+    py3langid decompresses its model (xz) on every load, ~0.6-0.9 s per Spark Python worker;
+    the arrays this module needs are cached uncompressed per machine (``cache_path``, ~70 MB,
+    written once, atomically) and then load in ~0.1 s. Without a writable cache directory the
+    model loads from py3langid every time.
+    """
     global _MODEL
     if _MODEL is None:
+        path = cache_path()
+        if path is not None and path.is_file():
+            try:
+                _MODEL = BatchIdentifier.load(path)
+            except (OSError, ValueError, KeyError):
+                _MODEL = None  # a damaged cache: rebuild it below
+        if _MODEL is None:
+            from py3langid import langid
+
+            _MODEL = BatchIdentifier(langid.LanguageIdentifier.from_model_file(langid.MODEL_FILE, norm_probs=True))
+            if path is not None:
+                _MODEL.save(path)
+    return _MODEL
+
+
+def cache_path():
+    """Where this machine keeps the converted model (``$XDG_CACHE_HOME`` or ``~/.cache``), keyed by
+    py3langid's version and the model file's size; None when no home directory is known."""
+    import os
+    from importlib.metadata import version
+    from pathlib import Path
+
+    try:
         from py3langid import langid
 
-        _MODEL = BatchIdentifier(langid.LanguageIdentifier.from_model_file(langid.MODEL_FILE, norm_probs=True))
-    return _MODEL
+        model_file = Path(langid.__file__).parent / langid.MODEL_FILE
+        key = f"{version('py3langid')}-{model_file.stat().st_size}-v{CACHE_VERSION}"
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    except (ImportError, OSError, RuntimeError):
+        return None
+    return base / "llmops" / f"py3langid-batch-{key}.npz"
 
 
 def encode(text: str) -> bytes:
@@ -40,15 +74,44 @@ def encode(text: str) -> bytes:
 
 
 class BatchIdentifier:
-    def __init__(self, identifier) -> None:
-        self.identifier = identifier  # the scalar reference, also used for odd inputs
-        self.classes = list(identifier.nb_classes)
-        self.nextmove = np.asarray(identifier.tk_nextmove, dtype=np.uint32)
-        self.rowbase = np.asarray(identifier.tk_row, dtype=np.int64) << 8
-        self.output = np.asarray(identifier.tk_output, dtype=np.int64)
-        self.ptc = np.asarray(identifier.nb_ptc, dtype=np.float32)  # exact widening; float16 matmul is slow
-        self.pc = identifier.nb_pc
-        self.alias_pairs = list(identifier._alias_pairs)
+    def __init__(self, identifier=None, arrays: dict | None = None) -> None:
+        """From py3langid's ``LanguageIdentifier``, or from the ``arrays`` :meth:`save` wrote."""
+        if arrays is None:
+            arrays = {
+                "classes": np.asarray(list(identifier.nb_classes)),
+                "nextmove": np.asarray(identifier.tk_nextmove, dtype=np.uint32),
+                "row": np.asarray(identifier.tk_row, dtype=np.int64),
+                "output": np.asarray(identifier.tk_output, dtype=np.int64),
+                "ptc": np.asarray(identifier.nb_ptc),  # float16 as shipped
+                "pc": np.asarray(identifier.nb_pc),
+                "alias_pairs": np.asarray(list(identifier._alias_pairs), dtype=np.int64).reshape(-1, 2),
+            }
+        self.arrays = arrays
+        self.classes = [str(c) for c in arrays["classes"]]
+        self.nextmove = arrays["nextmove"]
+        self.rowbase = arrays["row"] << 8
+        self.output = arrays["output"]
+        self.ptc = arrays["ptc"].astype(np.float32)  # exact widening; float16 matmul is slow
+        self.pc = arrays["pc"]
+        self.alias_pairs = [(int(i), int(j)) for i, j in arrays["alias_pairs"]]
+
+    def save(self, path) -> None:
+        """Write the arrays to ``path`` (a temporary sibling renamed into place); best effort."""
+        import os
+
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as fh:
+                np.savez(fh, **self.arrays)
+            os.replace(tmp, path)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+
+    @classmethod
+    def load(cls, path) -> BatchIdentifier:
+        with np.load(path, allow_pickle=False) as data:
+            return cls(arrays={k: data[k] for k in data.files})
 
     def classify_batch(self, texts: list[str], max_batch_bytes: int = 4 << 20) -> list[tuple[str, float]]:
         """``[(language, probability)]`` for ``texts``, as py3langid's ``classify`` with ``norm_probs``."""

@@ -227,6 +227,20 @@ def test_batch_language_identifier_answers_what_py3langid_answers():
     assert {lang for lang, _ in found} >= {"en", "de", "fr", "zh", "ru"}
 
 
+def test_the_cached_language_model_answers_as_the_shipped_one(tmp_path):
+    from py3langid import langid
+
+    from spark_jobs import language
+
+    fresh = language.BatchIdentifier(langid.LanguageIdentifier.from_model_file(langid.MODEL_FILE, norm_probs=True))
+    path = tmp_path / "cache" / "model.npz"
+    fresh.save(path)
+    cached = language.BatchIdentifier.load(path)
+    texts = [ENGLISH, "Der Planer liest jede Datei und erzeugt die Läufe.", "调度器读取每个文件", "", "12345 !!!"]
+    assert cached.classify_batch(texts) == fresh.classify_batch(texts)
+    assert not list(path.parent.glob(".*.tmp"))  # written through a temporary sibling, renamed into place
+
+
 def test_run_steps_batch_agrees_with_one_document_at_a_time():
     steps = st.build_steps(_data(min_chars=40))
     german = "Der Planer liest jede Datei und erzeugt die Läufe, die fällig sind. Jede Aufgabe wird wiederholt."
