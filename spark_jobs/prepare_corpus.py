@@ -270,9 +270,7 @@ def near_duplicates(spark, ok, spec, log, max_docs: int | None = None) -> tuple[
     return _near_duplicates(spark, ok, ok.select("rid", "bands", "sig", "shingles"), spec, log, max_docs)
 
 
-def _near_duplicates(
-    spark, ok, signed, spec, log, max_docs, local=None
-) -> tuple[list[tuple[int, int, str]], dict]:
+def _near_duplicates(spark, ok, signed, spec, log, max_docs, local=None) -> tuple[list[tuple[int, int, str]], dict]:
     """``local``: the candidates already collected (Arrow: rid, doc_rid, id, source, hash, bands, n),
     from :func:`_dedup_on_driver`; ``ok`` is then the documents keyed by ``doc_rid``."""
     import numpy as np
@@ -386,7 +384,6 @@ def _near_duplicates(
         "verified_pairs": len(edges),
         "lsh_candidates": int(ids.size),
     }
-
 
 
 def _dedup_on_driver(spark, ok, data, log, phase):
@@ -540,6 +537,7 @@ def _dedup_in_spark(spark, docs, data, log, input_lines, phase):
         .persist(StorageLevel.MEMORY_AND_DISK)  # ids only; used by each pass below
     )
     return removed, n_removed, clusters
+
 
 def prepare(
     spark,
