@@ -424,7 +424,7 @@ def _dedup_on_driver(spark, ok, data, log, phase):
     phase("exact_dedup")  # the collect of the keys included
     clusters = None
     if nd.enabled:
-        keep = pa.array(alive)
+        keep = pa.array(alive, pa.bool_())  # typed: an empty list would make a null array
         survivors = table.filter(keep)
         nkeys = pa.array([int(h[:15], 16) for h in survivors.column("hash").to_pylist()], pa.int64())
         local = survivors.rename_columns(["doc_rid", "id", "source", "hash", "bands", "n"]).append_column("rid", nkeys)

@@ -400,6 +400,22 @@ def test_commit_is_idempotent_and_emits_lineage(corpus, staged, monkeypatch):
     assert len(store.log("test-corpus", "main")) == 1
 
 
+def test_a_run_that_keeps_nothing_still_accounts_for_every_line(corpus):
+    """Every document filtered out: the dedup and write paths see no kept document, the job still
+    publishes its counts (the validation gate is what fails such a version)."""
+    recipe = _recipe(corpus.work / "keep-nothing.yaml", corpus.landing, min_chars=19_999)
+    out = corpus.work / "staged-nothing"
+    cmd = _submit_cmd(corpus, out)
+    cmd[cmd.index("--recipe") + 1] = str(recipe)
+    proc = subprocess.run(cmd, env=_job_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["kept"] == 0 and stats["excluded"] > 0
+    assert stats["input_lines"] == stats["blank_lines"] + stats["quarantined"] + stats["excluded"]
+    assert all((out / f"{split}.jsonl").read_text() == "" for split in ("train", "validation", "test"))
+    assert len(_read_jsonl(out / "excluded.jsonl")) == stats["excluded"]
+
+
 def test_missing_spark_connection_falls_back_to_local():
     from llmops_provider.operators.data import _find_connection, _spark_submit_hook_class
 

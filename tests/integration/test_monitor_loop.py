@@ -397,8 +397,13 @@ def test_cost_record_from_mlflow_runs_and_prometheus(vllm, prom_conn, mlflow_con
 
     with Load(vllm):
         served = f'sum(increase(vllm:generation_tokens_total{{model_name="{NAME}"}}[5m]))'
-        deadline = time.monotonic() + 120
-        while not (PrometheusHook().query_scalar(served) or 0) > 0 and time.monotonic() < deadline:
+        # replica-minutes count the minute boundaries (1-minute subquery steps) at which the
+        # replica's series existed: wait for one past the first scrape, as for the tokens
+        minutes = f'sum(count_over_time(vllm:num_requests_running{{model_name="{NAME}"}}[1h:1m]))'
+        deadline = time.monotonic() + 150
+        while time.monotonic() < deadline and not (
+            (PrometheusHook().query_scalar(served) or 0) > 0 and (PrometheusHook().query_scalar(minutes) or 0) > 0
+        ):
             time.sleep(1)
 
     out = CostReportOperator(task_id="cost", recipe_path=str(recipe)).execute({})

@@ -55,7 +55,9 @@ def write_recipe(path: Path, port: int, **deployment: str) -> str:
         # relative bounds get a generous noise floor; the injected fault is far beyond it
         f"  rollout:\n    strategy: canary\n    steps: [50, 100]\n    analysis_window: {WINDOW_S}s\n"
         "    min_requests: 3\n    grace_period: 3s\n    drain_timeout: 60s\n"
-        "    bounds: {max_ttft_p95_ratio: 2.0, max_e2e_latency_p95_ratio: 2.0, latency_slack_seconds: 0.3,\n"
+        # (a good canary's e2e p95 once measured 2.16x its identical stable: 4 s vs 1.85 s); the
+        # injected +500 ms per model step still trips TTFT (~+0.5 s on ~0.1 s) and e2e (~+4.5 s)
+        "    bounds: {max_ttft_p95_ratio: 2.0, max_e2e_latency_p95_ratio: 3.0, latency_slack_seconds: 0.3,\n"
         "             min_throughput_ratio: 0.3}\n"
         "monitoring:\n  slos: {ttft_p95_seconds: 10, e2e_latency_p95_seconds: 60, error_rate: 0.01}\n"
     )
