@@ -28,7 +28,7 @@ def model() -> BatchIdentifier:
 
     py3langid decompresses its model (xz) on every load, ~0.6-0.9 s per Spark Python worker;
     the arrays this module needs are cached uncompressed per machine (``cache_path``, ~70 MB,
-    written once, atomically) and then load in ~0.1 s. Without a writable cache directory the
+    written once, atomically) and then load in ~0.3 s. Without a writable cache directory the
     model loads from py3langid every time.
     """
     global _MODEL
@@ -37,8 +37,8 @@ def model() -> BatchIdentifier:
         if path is not None and path.is_file():
             try:
                 _MODEL = BatchIdentifier.load(path)
-            except (OSError, ValueError, KeyError):
-                _MODEL = None  # a damaged cache: rebuild it below
+            except Exception:  # noqa: BLE001 - a damaged cache (truncated zip, missing array): rebuild it
+                _MODEL = None
         if _MODEL is None:
             from py3langid import langid
 
