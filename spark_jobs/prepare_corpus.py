@@ -31,7 +31,6 @@ need only ``spark_jobs`` (shipped with ``addPyFile`` on a cluster).
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import shutil
@@ -130,6 +129,12 @@ def _doc_schema():
     fields += [
         T.StructField("chars", T.LongType()),  # len(text): the counts never read a text
         T.StructField("modified", T.ArrayType(T.StringType())),
+        # local masters: the text stays on this machine's disk as its JSON string (``text`` null),
+        # in a file of the task that parsed it: where it sits
+        *(
+            T.StructField(n, t)
+            for n, t in (("text_part", T.StringType()), ("text_offset", T.LongType()), ("text_size", T.LongType()))
+        ),
         # near-dedup inputs of a kept document (null otherwise): LSH band keys, MinHash
         # signature (uint32 bytes) and its sorted word-shingle hash set (uint32 bytes)
         T.StructField("bands", T.ArrayType(T.LongType())),
@@ -140,16 +145,83 @@ def _doc_schema():
 
 
 NEAR_FIELDS = ("bands", "sig", "shingles")
+TEXT_AT = ("text_part", "text_offset", "text_size")
 
 
-def document_pass(batches, data, doc_steps, hasher=None, signing_s=None):
+def document_pass(batches, data, doc_steps, hasher=None, signing_s=None, text_dir=None):
     """Arrow batches of (raw line bytes, source) -> one row per line with its outcome.
 
     Runs on the executors: parse, then the document steps; with a ``hasher`` (near dedup on),
     the kept documents are also shingled and signed here, from the word hashes the
     repetition filter already computed, so the near-dedup passes never read a text again
     (``signing_s``, an accumulator, sums the seconds spent on it: near-dedup work done here).
+    With a ``text_dir`` (local masters: one shared disk), each text is written there once, as the
+    JSON string its output line will hold, and the row says where (``TEXT_AT``) instead of
+    carrying it: the texts never pass through Spark again.
     """
+    texts = TextWriter(text_dir) if text_dir else None
+    try:
+        yield from _document_batches(batches, data, doc_steps, hasher, signing_s, texts)
+    finally:
+        if texts is not None:
+            texts.close()
+
+
+class TextWriter:
+    """Appends texts, as JSON strings, to one new file in ``text_dir`` (a retried task writes its
+    own file, so a row always points at the bytes of the attempt that produced it)."""
+
+    def __init__(self, text_dir: str):
+        self.path = os.path.join(text_dir, f"texts-{uuid.uuid4().hex}.json")
+        self._fh = None
+        self._offset = 0
+
+    def add(self, text: str) -> tuple[str, int, int]:
+        """Write ``text``; its (file, offset, size)."""
+        if self._fh is None:
+            self._fh = open(self.path, "wb")  # noqa: SIM115 - closed by close(), after the last batch
+        data = json.dumps(text, ensure_ascii=False).encode("utf-8")
+        self._fh.write(data)
+        offset = self._offset
+        self._offset += len(data)
+        return self.path, offset, len(data)
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+
+
+class TextReader:
+    """Reads what :class:`TextWriter` wrote: the JSON string of a text at (file, offset, size)."""
+
+    def __init__(self):
+        self._fds: dict[str, int] = {}
+
+    def json(self, part: str, offset: int, size: int) -> bytes:
+        fd = self._fds.get(part)
+        if fd is None:
+            fd = self._fds[part] = os.open(part, os.O_RDONLY)
+        data = os.pread(fd, size, offset)
+        if len(data) != size:
+            raise RuntimeError(f"{part}: {size} bytes expected at {offset}, {len(data)} read (was it removed?)")
+        return data
+
+    def text(self, part: str, offset: int, size: int) -> str:
+        return json.loads(self.json(part, offset, size))
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> TextReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _document_batches(batches, data, doc_steps, hasher, signing_s, texts):
     import numpy as np
     import pyarrow as pa
 
@@ -157,7 +229,6 @@ def document_pass(batches, data, doc_steps, hasher=None, signing_s=None):
     from spark_jobs.steps import assign_id, content_hash, parse_line, run_steps_batch
 
     size = data.near_dedup.shingle_size
-
     for batch in batches:
         raws = batch.column(0).to_pylist()
         sources = batch.column(1).to_pylist()
@@ -181,6 +252,9 @@ def document_pass(batches, data, doc_steps, hasher=None, signing_s=None):
         for (row, doc), dropped in zip(parsed, drops, strict=True):
             assign_id(doc)
             row.update(id=doc.id, text=doc.text, chars=len(doc.text), modified=doc.modified or None)
+            if texts is not None:
+                row["text_part"], row["text_offset"], row["text_size"] = texts.add(doc.text)
+                row["text"] = None
             if dropped is not None:
                 row.update(status="excluded", step=dropped[0], reason=dropped[1], detail=dropped[2])
             else:
@@ -194,7 +268,8 @@ def document_pass(batches, data, doc_steps, hasher=None, signing_s=None):
                 row.update(bands=keys, sig=sig.tobytes(), shingles=shingles.astype(np.uint32).tobytes())
             if signing_s is not None:
                 signing_s.add(time.perf_counter() - signing_started)
-        cols = {name: [row.get(name) for row in rows] for name in (*DOC_FIELDS, "chars", "modified", *NEAR_FIELDS)}
+        cols = {name: [row.get(name) for row in rows] for name in (*DOC_FIELDS, "chars", "modified", *TEXT_AT,
+                                                                  *NEAR_FIELDS)}  # fmt: skip
         yield pa.RecordBatch.from_pydict(cols, schema=_arrow_schema())
 
 
@@ -204,6 +279,7 @@ def _arrow_schema():
     return pa.schema(
         [pa.field(n, pa.string()) for n in DOC_FIELDS]
         + [pa.field("chars", pa.int64()), pa.field("modified", pa.list_(pa.string()))]
+        + [pa.field("text_part", pa.string()), pa.field("text_offset", pa.int64()), pa.field("text_size", pa.int64())]
         + [pa.field("bands", pa.list_(pa.int64())), pa.field("sig", pa.binary()), pa.field("shingles", pa.binary())]
     )
 
@@ -558,11 +634,9 @@ def prepare(
     that the files hold exactly what the stats say. ``timings`` receives the wall seconds of
     each phase (they go to ``_job.json``, never into the dataset version).
     """
-    from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
     from spark_jobs.steps import step_names
-    from spark_jobs.tokenization import pack_version
 
     names = step_names(doc_steps, data)
     nd = data.near_dedup
@@ -584,8 +658,31 @@ def prepare(
 
         hasher = minhash.MinHasher(nd.num_perm, nd.bands, nd.rows, nd.seed)
         signing_s = spark.sparkContext.accumulator(0.0)
+    parts_max = int(spark.conf.get("spark.llmops.write.localPartsMaxRows", str(LOCAL_PARTS_MAX_ROWS)))
+    text_dir = None
+    if spark.sparkContext.master.startswith("local") and parts_max > 0:
+        # one machine, one disk: the tasks leave the texts there and Spark carries only where they are
+        text_dir = output_tmp / "_texts"
+        text_dir.mkdir()
+    try:
+        return _prepare(spark, lines, data, output_tmp, doc_steps, log, tokenizer, seq_len, timings, names,
+                        hasher, signing_s, text_dir, parts_max, phase)  # fmt: skip
+    finally:
+        if text_dir is not None:
+            shutil.rmtree(text_dir, ignore_errors=True)
+
+
+def _prepare(spark, lines, data, output_tmp, doc_steps, log, tokenizer, seq_len, timings, names, hasher, signing_s,
+             text_dir, parts_max, phase):  # fmt: skip
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as F
+
+    from spark_jobs.tokenization import pack_version
+
+    nd = data.near_dedup
+    where_texts = str(text_dir) if text_dir is not None else None
     docs = lines.mapInArrow(
-        lambda batches: document_pass(batches, data, doc_steps, hasher, signing_s), _doc_schema()
+        lambda batches: document_pass(batches, data, doc_steps, hasher, signing_s, where_texts), _doc_schema()
     ).withColumn("rid", F.monotonically_increasing_id())
     docs = docs.persist(StorageLevel.MEMORY_AND_DISK)
     input_lines = docs.count()
@@ -632,8 +729,7 @@ def prepare(
     key1 = F.when(F.col("file") == "excluded", order[F.col("step")]).otherwise(F.lit(0))
     key2 = F.when(F.col("file") == "quarantine", F.col("source")).otherwise(F.col("id"))
     sort_keys = ("file", key1, key2, "reason", "source", "line", "hash")
-    parts_max = int(spark.conf.get("spark.llmops.write.localPartsMaxRows", str(LOCAL_PARTS_MAX_ROWS)))
-    via_files = spark.sparkContext.master.startswith("local") and input_lines <= parts_max
+    via_files = text_dir is not None and input_lines <= parts_max
     stats = None
     if not via_files:
         counts = (
@@ -652,13 +748,14 @@ def prepare(
     written = dict.fromkeys(files, 0)
     try:
         if via_files:
-            # the tasks share this machine's disk: each writes its rows' JSON lines to a part file
-            # and returns where each line sits with its sort keys; the driver sorts those keys and
-            # copies the lines into place (no shuffle of the texts, no texts through the driver)
-            # every line's outcome comes back with its place: the counts need no pass of their own
-            keyed = outcome.select(*cols, "status", "chars", "modified", key1.alias("_k1"), key2.alias("_k2"), "hash")
-            outcomes = _write_via_parts(keyed, output_tmp / "_parts", handles, written)
-            where = "from part files"
+            # the texts already sit on this machine's disk as JSON strings: the driver collects every
+            # line's sort keys, outcome and text location (no text), sorts them and writes each line
+            # from its fields and its text's bytes (no shuffle of the texts, no Python tasks); the
+            # counts come from the same table: no pass of their own
+            keyed = outcome.select(*cols, "status", "chars", "modified", *TEXT_AT, key1.alias("_k1"),
+                                   key2.alias("_k2"), "hash")  # fmt: skip
+            outcomes = _write_from_texts(keyed, handles, written)
+            where = "from the texts on disk"
         else:
             # the driver writes the files one sorted partition at a time: size partitions so that one
             # partition (a task result held in the driver's heap) stays small whatever the corpus size
@@ -671,9 +768,9 @@ def prepare(
             )
             # the tasks encode the JSON lines (in parallel, order kept); the driver only appends them,
             # fetching the next sorted partition while it writes this one (two partitions in memory)
-            lines = rows.select(*cols).mapInArrow(_encode_records, "file string, json string")
+            lines = rows.select(*cols, *TEXT_AT).mapInArrow(_encode_records, "file string, json binary")
             for r in lines.toLocalIterator(prefetchPartitions=True):
-                handles[r[0]].write(r[1].encode("utf-8"))
+                handles[r[0]].write(r[1])
                 written[r[0]] += 1
             where = f"sorted in Spark ({n_parts} partitions)"
     finally:
@@ -697,6 +794,8 @@ def prepare(
     packed = None
     if tokenizer is not None and tokenizer.pack:
         kept = outcome.filter(F.col("status") == "ok").withColumnRenamed("file", "split")
+        if text_dir is not None:
+            kept = kept.select("split", "id", *TEXT_AT).mapInArrow(_read_texts, "split string, id string, text string")
         packed = pack_version(spark, kept, output_tmp, tokenizer, seq_len, log)
         stats["tokens"] = {s: {k: v[k] for k in ("documents", "document_tokens", "blocks", "tokens", "dropped_tail_tokens")}
                            for s, v in packed["splits"].items()}  # fmt: skip
@@ -706,17 +805,12 @@ def prepare(
     return stats, packed
 
 
-# (name, Spark type) of what a part-file task returns per row: the sort keys in ``prepare``'s
-# order, then where the row's JSON line sits
-_PART_SCHEMA = (("file", "string"), ("_k1", "int"), ("_k2", "string"), ("reason", "string"), ("source", "string"),
-                ("line", "string"), ("hash", "string"), ("status", "string"), ("step", "string"), ("chars", "long"),
-                ("modified", "array<string>"), ("part", "string"), ("offset", "long"), ("size", "long"))  # fmt: skip
-_SORT_KEYS = 7  # the first seven fields
-_PASSED = 11  # the fields passed through from the input rows
+# the sort keys of the output lines, in ``prepare``'s order (``_k1``/``_k2`` as it computes them)
+_SORT_KEYS = ("file", "_k1", "_k2", "reason", "source", "line", "hash")
 
 
-def _write_via_parts(keyed, parts: Path, handles: dict, written: dict):
-    """The output files from part files the tasks wrote (local masters: one shared disk); returns
+def _write_from_texts(keyed, handles: dict, written: dict):
+    """The output files from the texts the document pass left on disk (local masters); returns
     every line's outcome (an Arrow table: status, step, reason, file, chars, modified).
 
     The order is Spark's ascending sort of the same keys: nulls first, strings by their UTF-8
@@ -725,37 +819,22 @@ def _write_via_parts(keyed, parts: Path, handles: dict, written: dict):
     """
     import pyarrow.compute as pc
 
-    parts.mkdir()
-    try:
-        where = str(parts)
-        table = keyed.mapInArrow(
-            lambda batches: _encode_to_part(batches, where), ", ".join(f"{n} {t}" for n, t in _PART_SCHEMA)
-        ).toArrow()
-        order = pc.sort_indices(
-            table, sort_keys=[(n, "ascending") for n, _ in _PART_SCHEMA[:_SORT_KEYS]], null_placement="at_start"
-        )
-        placed = table.select(["file", "part", "offset", "size"]).take(order)
-        fds: dict[str, int] = {}
-        try:
-            for name, part, offset, size in zip(*(placed.column(k).to_pylist() for k in range(4)), strict=True):
+    table = keyed.toArrow()
+    order = pc.sort_indices(table, sort_keys=[(n, "ascending", "at_start") for n in _SORT_KEYS])
+    placed = table.take(order)
+    with TextReader() as reader:
+        for batch in placed.to_batches(max_chunksize=8192):
+            for name, line in zip(batch.column("file").to_pylist(), _json_lines(batch, reader), strict=True):
                 if name is None:  # a blank line: counted, written nowhere
                     continue
-                fd = fds.get(part)
-                if fd is None:
-                    fd = fds[part] = os.open(part, os.O_RDONLY)
-                handles[name].write(os.pread(fd, size, offset))
+                handles[name].write(line)
                 written[name] += 1
-        finally:
-            for fd in fds.values():
-                os.close(fd)
-    finally:
-        shutil.rmtree(parts, ignore_errors=True)
     return table.select(["status", "step", "reason", "file", "chars", "modified"])
 
 
 def _counts(outcomes) -> tuple[list[dict], dict]:
     """The outcome counts (the Spark aggregation's rows) and the modifications per step, from
-    :func:`_write_via_parts`'s table."""
+    :func:`_write_from_texts`'s table."""
     import pyarrow.compute as pc
 
     keys = ["status", "step", "reason", "file"]
@@ -767,52 +846,63 @@ def _counts(outcomes) -> tuple[list[dict], dict]:
     return counts, modified
 
 
-def _encode_to_part(batches, parts: str):
-    """Runs in a task: the JSON line of each row appended to this task's own part file; yields the
-    rows' sort keys and (part file, offset, size) of their lines."""
-    import pyarrow as pa
-
-    path = os.path.join(parts, f"part-{uuid.uuid4().hex}.jsonl")  # a retried task writes a new file
-    names = [n for n, _ in _PART_SCHEMA]
-    offset = 0
-    with open(path, "wb") as fh:
-        for batch in batches:
-            lines = [line.encode("utf-8") for line in _json_lines(batch)]
-            sizes = [len(line) for line in lines]
-            offsets = list(itertools.accumulate(sizes, initial=offset))
-            fh.write(b"".join(lines))
-            offset = offsets.pop()
-            yield pa.RecordBatch.from_arrays(
-                [*(batch.column(n) for n, _ in _PART_SCHEMA[:_PASSED]), pa.array([path] * len(lines), pa.string()),
-                 pa.array(offsets, pa.int64()), pa.array(sizes, pa.int64())], names=names,
-            )  # fmt: skip
-
-
 def _encode_records(batches):
     """Arrow batches of output rows -> (file, JSON line with its newline), in the same order."""
     import pyarrow as pa
 
-    schema = pa.schema([("file", pa.string()), ("json", pa.string())])
-    for batch in batches:
-        yield pa.RecordBatch.from_pydict({"file": batch.column("file"), "json": _json_lines(batch)}, schema=schema)
+    schema = pa.schema([("file", pa.string()), ("json", pa.binary())])
+    with TextReader() as reader:
+        for batch in batches:
+            lines = _json_lines(batch, reader)
+            yield pa.RecordBatch.from_arrays([batch.column("file"), pa.array(lines, pa.binary())], schema=schema)
 
 
-def _json_lines(batch) -> list[str]:
-    """The JSON line (with its newline) that each row of ``batch`` gets in its output file ("" for a
-    blank line, which goes to no file)."""
+def _json_lines(batch, reader: TextReader | None = None) -> list[bytes]:
+    """The UTF-8 JSON line (with its newline) that each row of ``batch`` gets in its output file
+    (b"" for a blank line, which goes to no file): ``json.dumps`` of the record, ``text`` last, taken
+    from the row or, where the row says where it sits (``TEXT_AT``), from the disk with ``reader``.
+    """
+    names = ["file", "id", "text", "line", "step", "reason", "detail", "source"]
+    names += [n for n in TEXT_AT if n in batch.schema.names]
     out = []
-    for r in batch.select(["file", "id", "text", "line", "step", "reason", "detail", "source"]).to_pylist():
+    for r in batch.select(names).to_pylist():
         if r["file"] is None:
-            rec = None
-        elif r["file"] == "quarantine":
+            out.append(b"")
+            continue
+        if r["file"] == "quarantine":
             rec = {"line": r["line"], "reason": r["reason"], "source": r["source"]}
-        elif r["file"] == "excluded":
-            rec = {"id": r["id"], "step": r["step"], "reason": r["reason"], "detail": r["detail"],
-                   "source": r["source"], "text": r["text"]}  # fmt: skip
+            out.append((json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8"))
+            continue
+        if r["file"] == "excluded":
+            head = {
+                "id": r["id"],
+                "step": r["step"],
+                "reason": r["reason"],
+                "detail": r["detail"],
+                "source": r["source"],
+            }
         else:
-            rec = {"id": r["id"], "text": r["text"]}
-        out.append("" if rec is None else json.dumps(rec, ensure_ascii=False) + "\n")
+            head = {"id": r["id"]}
+        if r.get("text_part") is None:
+            text = json.dumps(r["text"], ensure_ascii=False).encode("utf-8")
+        else:
+            text = reader.json(r["text_part"], r["text_offset"], r["text_size"])
+        # json.dumps({**head, "text": text}) without decoding and re-encoding the text
+        out.append(json.dumps(head, ensure_ascii=False)[:-1].encode("utf-8") + b', "text": ' + text + b"}\n")
     return out
+
+
+def _read_texts(batches):
+    """Arrow batches of (split, id, text location) -> (split, id, text): the tokenizer's input."""
+    import pyarrow as pa
+
+    schema = pa.schema([("split", pa.string()), ("id", pa.string()), ("text", pa.string())])
+    with TextReader() as reader:
+        for batch in batches:
+            where = zip(*(batch.column(n).to_pylist() for n in TEXT_AT), strict=True)
+            texts = [reader.text(*at) for at in where]
+            yield pa.RecordBatch.from_arrays([batch.column("split"), batch.column("id"), pa.array(texts, pa.string())],
+                                             schema=schema)  # fmt: skip
 
 
 def _stats(counts, modified: dict, names: list[str], input_lines: int) -> dict:

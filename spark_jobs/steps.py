@@ -30,6 +30,7 @@ PARSE_REASONS = (
     "missing_text",  # no text field, or it is null
     "text_not_string",  # the text field is a number, list, ...
     "bad_id",  # the id field is a list/object/bool
+    "invalid_unicode",  # the text or id escapes a lone surrogate (\ud800-\udfff): not a character
 )
 
 Drop = tuple[str, str | None]
@@ -81,6 +82,12 @@ def parse_line(raw: bytes, source: str, text_field: str, id_field: str | None, m
     if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int, float, type(None))):
         return None, "bad_id"
     doc_id = str(raw_id) if raw_id is not None and str(raw_id).strip() else ""
+    if "\\u" in line:  # only a JSON escape can make a lone surrogate: the line itself is valid UTF-8
+        try:
+            text.encode("utf-8")
+            doc_id.encode("utf-8")
+        except UnicodeEncodeError:
+            return None, "invalid_unicode"
     return Doc(doc_id, text, source), None
 
 

@@ -51,6 +51,8 @@ EXTRA_LINES = [
     b'{"id": "latin1", "text": "caf\xe9 is not UTF-8 here, the bytes are Latin-1"}',  # quarantined: invalid_utf8
     json.dumps({"id": "giant", "text": "y" * 40_000}).encode(),  # quarantined: record_too_large (30000 bytes)
     json.dumps({"id": ["a", "list"], "text": "An id must be a scalar; a list id cannot name a document."}).encode(),
+    # quarantined: invalid_unicode (an escaped lone surrogate; it once crashed the job in the filters)
+    b'{"id": "surrogate", "text": "A lone surrogate \\ud800 escape is not a character, so this cannot be text."}',
     json.dumps({"id": "tiny", "text": "too short"}).encode(),  # excluded: length (min_chars 40)
     json.dumps({"id": "huge", "text": "x" * 25_000}).encode(),  # excluded: length (max_chars 20000)
     json.dumps(
@@ -210,6 +212,7 @@ def test_job_quarantines_filters_dedups_redacts_and_splits(staged):
         "not_an_object": 1,
         "record_too_large": 1,
         "text_not_string": 1,
+        "invalid_unicode": 1,
     }
     assert sorted(p.name for p in staged.iterdir()) == sorted(["_job.json", *VERSION_ENTRIES])
     assert json.loads((staged / "_job.json").read_text())["spark_app_id"].startswith("local-")
@@ -453,3 +456,15 @@ def test_a_job_killed_midway_leaves_the_previous_output_untouched(corpus, staged
     time.sleep(0.5)
     assert tree_hash(out) == before, "the killed run changed the output it had not finished"
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in staged.iterdir())
+
+
+def test_the_machines_cds_archive_maps_into_a_local_spark_driver():
+    # `make setup` records the class-data-sharing archive local runs map (llmops_provider.spark_local);
+    # with -Xshare:on the JVM refuses to start unless it can map that archive for this Spark's class path
+    from llmops_provider.spark_local import archive_recorded, cds_archive_path, check_cds_archive, local_java_options
+
+    archive = cds_archive_path()
+    assert archive is not None and archive_recorded(archive), f"no sealed archive at {archive}: run `make setup`"
+    assert f"-XX:SharedArchiveFile={archive}" in local_java_options()
+    ok, tail = check_cds_archive(archive)
+    assert ok, tail

@@ -55,9 +55,11 @@ def write_recipe(path: Path, port: int, **deployment: str) -> str:
         # relative bounds get a generous noise floor; the injected fault is far beyond it
         f"  rollout:\n    strategy: canary\n    steps: [50, 100]\n    analysis_window: {WINDOW_S}s\n"
         "    min_requests: 3\n    grace_period: 3s\n    drain_timeout: 60s\n"
-        # (a good canary's e2e p95 once measured 2.16x its identical stable: 4 s vs 1.85 s); the
-        # injected +500 ms per model step still trips TTFT (~+0.5 s on ~0.1 s) and e2e (~+4.5 s)
-        "    bounds: {max_ttft_p95_ratio: 2.0, max_e2e_latency_p95_ratio: 3.0, latency_slack_seconds: 0.3,\n"
+        # (two engines on 2 cores: a good canary's p95 measured 2.16x its identical stable's e2e, 4 s
+        # vs 1.85 s, and 6.9x its TTFT, 1.71 s vs 0.25 s; side by side here TTFT p95s of identical
+        # replicas ranged 0.18-0.94 s). The drill injects +1000 ms per model step: ~+8 s of e2e over
+        # 8 tokens, while the stable, alone on the CPU, answers in well under a second
+        "    bounds: {max_ttft_p95_ratio: 3.0, max_e2e_latency_p95_ratio: 3.0, latency_slack_seconds: 3.0,\n"
         "             min_throughput_ratio: 0.3}\n"
         "monitoring:\n  slos: {ttft_p95_seconds: 10, e2e_latency_p95_seconds: 60, error_rate: 0.01}\n"
     )
@@ -218,7 +220,7 @@ def test_first_deploy_canary_promotion_and_automatic_rollback(
     recipe = write_recipe(tmp_path / "r.yaml", port)
     (tmp_path / "chat.jinja").write_text(CHAT_TEMPLATE)
     prompt_recipe = write_recipe(tmp_path / "p.yaml", port, prompt="{name: tiny-serve-chat, template_file: chat.jinja}")
-    slow_recipe = write_recipe(tmp_path / "slow.yaml", port, inject_latency_ms="500")
+    slow_recipe = write_recipe(tmp_path / "slow.yaml", port, inject_latency_ms="1000")
     load = None
     try:
         # ---- 1. first deployment: no stable yet, so no analysis: straight to 100 %

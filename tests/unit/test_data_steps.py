@@ -56,6 +56,8 @@ def _doc(text: str) -> st.Doc:
         (b'{"id": ["a"], "text": "x"}', "bad_id"),
         (b'{"id": true, "text": "x"}', "bad_id"),
         (json.dumps({"id": "big", "text": "x" * 200}).encode(), "record_too_large"),
+        (b'{"id": "a", "text": "lone \\ud800 surrogate"}', "invalid_unicode"),
+        (b'{"id": "\\udfff", "text": "x"}', "invalid_unicode"),
     ],
 )
 def test_parse_quarantines_each_malformed_category(raw, reason):
@@ -66,6 +68,8 @@ def test_parse_quarantines_each_malformed_category(raw, reason):
 def test_parse_keeps_ids_and_derives_a_stable_one_when_missing():
     doc, reason = st.parse_line(b'{"id": 7, "text": "hello"}', "src", "text", "id", 100)
     assert reason is None and doc.id == "7" and doc.text == "hello"
+    doc, reason = st.parse_line(b'{"id": "e", "text": "pair \\ud83d\\ude00 and \\u00e9"}', "src", "text", "id", 100)
+    assert reason is None and doc.text == "pair \U0001f600 and \u00e9"  # escaped pairs are characters
     doc, _ = st.parse_line(b'{"text": "hello"}', "src", "text", "id", 100)
     st.assign_id(doc)
     assert doc.id == f"doc-{st.content_hash('hello')[:16]}"
@@ -439,3 +443,50 @@ def test_exclusion_record_reasons_are_machine_readable():
         dropped = st.run_steps(_doc(text), steps)
         if dropped:
             assert re.fullmatch(r"[a-z0-9_]+", dropped[1]), dropped
+
+
+def test_output_lines_from_texts_on_disk_are_the_json_of_the_records(tmp_path):
+    # local masters leave each text on disk as its JSON string and write the lines from there:
+    # the bytes must be json.dumps of the record, as when the text travels in the row
+    import pyarrow as pa
+
+    from spark_jobs.prepare_corpus import TEXT_AT, TextReader, TextWriter, _json_lines
+
+    cols = ("file", "id", "text", "line", "step", "reason", "detail", "source")
+    rows = [
+        ("train", "a-1", "plain", None, None, None, None, "file:/in/a.jsonl"),
+        ("excluded", "é-2", 'quote " backslash \\ newline \n tab \t', None, "language", "not_english", None, "s"),
+        ("excluded", "3", "x", None, "near_dedup", "near_duplicate", "duplicate of a-1", "s"),
+        ("test", "4", "café ☃ \U0001f600 \u2028 \x7f \x00", None, None, None, None, "s"),
+        ("validation", "5", "", None, None, None, None, "s"),
+        ("quarantine", None, None, '{"id": "broken', "parse", "invalid_json", None, "file:/in/b.jsonl"),
+        (None, None, None, None, None, None, None, "s"),  # a blank line: no output
+    ]
+    expected = []
+    for r in map(lambda v: dict(zip(cols, v, strict=True)), rows):
+        if r["file"] is None:
+            expected.append(b"")
+            continue
+        if r["file"] == "quarantine":
+            rec = {k: r[k] for k in ("line", "reason", "source")}
+        elif r["file"] == "excluded":
+            rec = {k: r[k] for k in ("id", "step", "reason", "detail", "source", "text")}
+        else:
+            rec = {"id": r["id"], "text": r["text"]}
+        expected.append((json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8"))
+
+    writer = TextWriter(str(tmp_path))
+    located = [writer.add(v[2]) if v[2] is not None else (None, None, None) for v in rows]
+    writer.close()
+    in_rows = pa.RecordBatch.from_pylist([dict(zip(cols, v, strict=True)) for v in rows])
+    on_disk = pa.RecordBatch.from_pylist(
+        [{**dict(zip(cols, v, strict=True)), "text": None, **dict(zip(TEXT_AT, at, strict=True))}
+         for v, at in zip(rows, located, strict=True)]
+    )  # fmt: skip
+    assert _json_lines(in_rows) == expected
+    with TextReader() as reader:
+        assert _json_lines(on_disk, reader) == expected
+        assert [reader.text(*at) for at in located if at[0]] == [v[2] for v in rows if v[2] is not None]
+        part, offset, size = located[0]
+        with pytest.raises(RuntimeError, match="bytes expected"):
+            reader.json(part, offset + 10**6, size)
