@@ -63,9 +63,11 @@ def _plot(chars: dict[str, list[int]], tokens: dict[str, list[int]] | None, path
     plt.close(fig)
 
 
-def write_data_card(out: Path, stats: dict, packed: dict | None) -> dict:
-    """Write data_card.json/.md and length_histogram.png into ``out``; returns the card."""
-    chars = _char_lengths(out)
+def write_data_card(out: Path, stats: dict, packed: dict | None, chars: dict[str, list[int]] | None = None) -> dict:
+    """Write data_card.json/.md and length_histogram.png into ``out``; returns the card. ``chars``:
+    the kept documents' lengths in characters per split, when the job has them (else read from
+    the split files)."""
+    chars = chars if chars is not None else _char_lengths(out)
     tokens = packed["lengths"] if packed else None
     card = {
         "records": {k: stats[k] for k in ("input_lines", "blank_lines", "quarantined", "excluded", "kept")},

@@ -36,6 +36,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 import uuid
 import zipfile
@@ -625,6 +626,7 @@ def prepare(
     tokenizer=None,
     seq_len: int = 0,
     timings: dict[str, float] | None = None,
+    lengths: dict[str, list[int]] | None = None,
 ) -> tuple[dict, dict | None]:
     """Run the pipeline on ``inputs`` and write the dataset files into ``output_tmp``.
 
@@ -632,7 +634,8 @@ def prepare(
     excluded (dropped by a step, with the reason) or kept in a split. The stats count
     each step's input, output and drops by reason; the job checks that they add up and
     that the files hold exactly what the stats say. ``timings`` receives the wall seconds of
-    each phase (they go to ``_job.json``, never into the dataset version).
+    each phase (they go to ``_job.json``, never into the dataset version); ``lengths`` the kept
+    documents' lengths in characters per split (the data card's; in no particular order).
     """
     from pyspark.sql import functions as F
 
@@ -666,14 +669,14 @@ def prepare(
         text_dir.mkdir()
     try:
         return _prepare(spark, lines, data, output_tmp, doc_steps, log, tokenizer, seq_len, timings, names,
-                        hasher, signing_s, text_dir, parts_max, phase)  # fmt: skip
+                        hasher, signing_s, text_dir, parts_max, phase, lengths)  # fmt: skip
     finally:
         if text_dir is not None:
             shutil.rmtree(text_dir, ignore_errors=True)
 
 
 def _prepare(spark, lines, data, output_tmp, doc_steps, log, tokenizer, seq_len, timings, names, hasher, signing_s,
-             text_dir, parts_max, phase):  # fmt: skip
+             text_dir, parts_max, phase, lengths):  # fmt: skip
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
@@ -776,6 +779,9 @@ def _prepare(spark, lines, data, output_tmp, doc_steps, log, tokenizer, seq_len,
     finally:
         for fh in handles.values():
             fh.close()
+    if lengths is not None:
+        kept_chars = outcomes if via_files else outcome.filter(F.col("status") == "ok").select("file", "chars").toArrow()
+        lengths.update(_split_lengths(kept_chars))
     if stats is None:
         stats = _stats(*_counts(outcomes), names, input_lines)
         log(f"outcomes counted: {stats['kept']} kept, {stats['excluded']} excluded, {stats['quarantined']} quarantined")
@@ -844,6 +850,13 @@ def _counts(outcomes) -> tuple[list[dict], dict]:
     steps = pc.value_counts(pc.list_flatten(outcomes.column("modified")))
     modified = dict(zip(steps.field("values").to_pylist(), steps.field("counts").to_pylist(), strict=True))
     return counts, modified
+
+
+def _split_lengths(table) -> dict[str, list[int]]:
+    """The ``chars`` of the kept rows (``file`` a split) of an Arrow table, per split."""
+    import pyarrow.compute as pc
+
+    return {split: table.filter(pc.equal(table["file"], split))["chars"].to_pylist() for split in SPLITS}
 
 
 def _encode_records(batches):
@@ -992,6 +1005,16 @@ def _ship_modules(spark, scratch: Path) -> None:
     spark.sparkContext.addPyFile(str(archive))
 
 
+def _import_plotting() -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot  # noqa: F401
+    except Exception:  # noqa: BLE001 - only a head start: the data card imports it again and reports
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     if str(REPO) not in sys.path:  # `spark-submit spark_jobs/prepare_corpus.py` from a checkout
@@ -1009,6 +1032,8 @@ def main(argv: list[str] | None = None) -> int:
     tmp.mkdir()
 
     started = time.time()
+    # the data card's plotting library loads while the JVM starts (a core is mostly idle then)
+    threading.Thread(target=_import_plotting, name="import-matplotlib", daemon=True).start()
     spark = _spark_session(args.master, f"llmops-prepare-{recipe.name}")
     spark.sparkContext.setLogLevel("WARN")
     scratch = Path(tempfile.mkdtemp(prefix="llmops-prepare-"))
@@ -1016,6 +1041,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         log = lambda m: print(f"prepare_corpus: [{time.time() - started:6.1f}s] {m}", flush=True)  # noqa: E731
         timings: dict[str, float] = {}
+        lengths: dict[str, list[int]] = {}
         stats, packed = prepare(
             spark,
             inputs,
@@ -1026,9 +1052,10 @@ def main(argv: list[str] | None = None) -> int:
             tokenizer=recipe.tokenizer,
             seq_len=recipe.training.seq_len,
             timings=timings,
+            lengths=lengths,
         )
         stats = {"recipe": recipe.name, "recipe_fingerprint": recipe.fingerprint(), "input_files": inputs, **stats}
-        write_data_card(tmp, stats, packed)
+        write_data_card(tmp, stats, packed, lengths)
         job = {
             "spark_app_id": spark.sparkContext.applicationId,
             "master": spark.sparkContext.master,
