@@ -637,9 +637,11 @@ def prepare(
     each phase (they go to ``_job.json``, never into the dataset version); ``lengths`` the kept
     documents' lengths in characters per split (the data card's; in no particular order).
     """
+    from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
     from spark_jobs.steps import step_names
+    from spark_jobs.tokenization import pack_version
 
     names = step_names(doc_steps, data)
     nd = data.near_dedup
@@ -662,28 +664,13 @@ def prepare(
         hasher = minhash.MinHasher(nd.num_perm, nd.bands, nd.rows, nd.seed)
         signing_s = spark.sparkContext.accumulator(0.0)
     parts_max = int(spark.conf.get("spark.llmops.write.localPartsMaxRows", str(LOCAL_PARTS_MAX_ROWS)))
-    text_dir = None
+    text_dir = where_texts = None
     if spark.sparkContext.master.startswith("local") and parts_max > 0:
         # one machine, one disk: the tasks leave the texts there and Spark carries only where they are
+        # (removed at the end; a failed run's whole temporary output is removed by the caller)
         text_dir = output_tmp / "_texts"
         text_dir.mkdir()
-    try:
-        return _prepare(spark, lines, data, output_tmp, doc_steps, log, tokenizer, seq_len, timings, names,
-                        hasher, signing_s, text_dir, parts_max, phase, lengths)  # fmt: skip
-    finally:
-        if text_dir is not None:
-            shutil.rmtree(text_dir, ignore_errors=True)
-
-
-def _prepare(spark, lines, data, output_tmp, doc_steps, log, tokenizer, seq_len, timings, names, hasher, signing_s,
-             text_dir, parts_max, phase, lengths):  # fmt: skip
-    from pyspark import StorageLevel
-    from pyspark.sql import functions as F
-
-    from spark_jobs.tokenization import pack_version
-
-    nd = data.near_dedup
-    where_texts = str(text_dir) if text_dir is not None else None
+        where_texts = str(text_dir)
     docs = lines.mapInArrow(
         lambda batches: document_pass(batches, data, doc_steps, hasher, signing_s, where_texts), _doc_schema()
     ).withColumn("rid", F.monotonically_increasing_id())
@@ -780,7 +767,9 @@ def _prepare(spark, lines, data, output_tmp, doc_steps, log, tokenizer, seq_len,
         for fh in handles.values():
             fh.close()
     if lengths is not None:
-        kept_chars = outcomes if via_files else outcome.filter(F.col("status") == "ok").select("file", "chars").toArrow()
+        kept_chars = (
+            outcomes if via_files else outcome.filter(F.col("status") == "ok").select("file", "chars").toArrow()
+        )
         lengths.update(_split_lengths(kept_chars))
     if stats is None:
         stats = _stats(*_counts(outcomes), names, input_lines)
@@ -808,6 +797,8 @@ def _prepare(spark, lines, data, output_tmp, doc_steps, log, tokenizer, seq_len,
         phase("tokenize")
     removed.unpersist()
     docs.unpersist()
+    if text_dir is not None:
+        shutil.rmtree(text_dir)
     return stats, packed
 
 
