@@ -48,3 +48,31 @@ def dagbag_class():
     except ImportError:  # pragma: no cover - Airflow 3.0
         from airflow.models.dagbag import DagBag
     return DagBag
+
+
+# ---- the api-server's auth manager, for the LLMOps plugin app (imported on request: ~1 s) ----
+
+
+def auth_manager():
+    """The auth manager the api-server initialised ([core] auth_manager: simple, FAB, Keycloak, ...)."""
+    from airflow.api_fastapi.app import get_auth_manager
+
+    return get_auth_manager()
+
+
+async def airflow_user(request):
+    """The Airflow user of a request, resolved by the core API's own dependency.
+
+    ``Authorization: Bearer <jwt>`` (from ``POST /auth/token``) first, else the UI session's JWT
+    cookie; raises ``HTTPException`` 401 (no or expired token) or 403 (invalid token).
+    """
+    from airflow.api_fastapi.core_api.security import bearer_scheme, get_user
+
+    return await get_user(request, None, await bearer_scheme(request))
+
+
+def import_errors_view():
+    """The access view that guards import errors (the invalid recipes' messages)."""
+    from airflow.api_fastapi.auth.managers.models.resource_details import AccessView
+
+    return AccessView.IMPORT_ERRORS

@@ -47,10 +47,10 @@ def get_provider_info() -> dict:
             {"integration-name": "LLMOps", "python-modules": ["llmops_provider.sensors.dataset"]},
         ],
         "triggers": [
-            {"integration-name": "LLMOps", "python-modules": ["llmops_provider.triggers.prometheus"]},
             {"integration-name": "LLMOps", "python-modules": ["llmops_provider.triggers.rollout"]},
             {"integration-name": "LLMOps", "python-modules": ["llmops_provider.triggers.watchers"]},
             {"integration-name": "LLMOps", "python-modules": ["llmops_provider.triggers.dataset"]},
+            {"integration-name": "LLMOps", "python-modules": ["llmops_provider.triggers.trainjob"]},
         ],
         "notifications": ["llmops_provider.notifiers.RolloutAlertNotifier"],
         "config": {
@@ -59,8 +59,7 @@ def get_provider_info() -> dict:
                 "per recipe; backends are chosen here, never in DAG code.",
                 "options": {
                     "home": {
-                        "description": "Local working directory: dataset store, checkpoints, "
-                        "serving state, pid files.",
+                        "description": "Local working directory: dataset store, checkpoints, serving state, pid files.",
                         "version_added": "0.1.0",
                         "type": "string",
                         "example": "/opt/llmops",
@@ -84,8 +83,7 @@ def get_provider_info() -> dict:
                         "default": "local",
                     },
                     "dataset_store": {
-                        "description": "Dataset versioning backend: `local` (embedded store under "
-                        "home) or `lakefs`.",
+                        "description": "Dataset versioning backend: `local` (embedded store under home) or `lakefs`.",
                         "version_added": "0.1.0",
                         "type": "string",
                         "example": "lakefs",

@@ -41,6 +41,15 @@ def processed_sources_variable(recipe_name: str) -> str:
     return f"llmops.{recipe_name}.processed_source_fingerprint"
 
 
+# the DAGs the factory generates per recipe: ``<recipe>_<stage>``
+STAGE_DAGS = ("data", "train", "evaluate", "deploy", "monitor", "rollback")
+
+
+def recipe_dag_ids(recipe_name: str) -> set[str]:
+    """The ids of the DAGs generated for a recipe (who may read them may see its lineage)."""
+    return {f"{recipe_name}_{stage}" for stage in STAGE_DAGS}
+
+
 STAGES = ("dataset", "model", "approved", "deployment", "retrain")
 
 

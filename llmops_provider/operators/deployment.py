@@ -291,11 +291,9 @@ class VLLMDeployOperator(LocalJobMixin, BaseOperator):
         return self._canary_step(context, state, recipe, backend, 0)
 
     # ------------------------------------------------------------------ canary
-    def _prometheus(self, recipe) -> tuple[str, dict[str, str]]:
-        from llmops_provider.hooks.prometheus import PrometheusHook
-
-        prom = PrometheusHook(self.prometheus_conn_id or recipe.monitoring.prometheus_conn_id)
-        return prom.base_url(), prom.headers()
+    def _prometheus_conn_id(self, recipe) -> str:
+        """The connection the analysis trigger reads in the triggerer: the id travels, never its credentials."""
+        return self.prometheus_conn_id or recipe.monitoring.prometheus_conn_id
 
     def _replicas(self, state) -> dict[str, dict]:
         return {r["id"]: r for r in (state["stable"], state["candidate"]) if r}
@@ -310,11 +308,13 @@ class VLLMDeployOperator(LocalJobMixin, BaseOperator):
         backend.route(weights, self._replicas(state))
         state["step"], state["weights"], state["step_started_at"] = index, weights, _now()
         queries = replica_analysis_queries(recipe.name, candidate, stable, ro.analysis_window)
-        url, headers = self._prometheus(recipe)
         self.log.info("step %d/%d: %s; analysis in %s", index + 1, len(ro.steps), weights, ro.analysis_window)
         self.defer(
             trigger=RolloutWindowTrigger(
-                url, queries, wait_s=seconds(ro.analysis_window), settle_s=SETTLE_S, headers=headers
+                queries,
+                wait_s=seconds(ro.analysis_window),
+                settle_s=SETTLE_S,
+                prometheus_conn_id=self._prometheus_conn_id(recipe),
             ),
             method_name="canary_step_complete",
             kwargs={"state": state},
@@ -373,7 +373,7 @@ class VLLMDeployOperator(LocalJobMixin, BaseOperator):
         state["step_started_at"] = dt.datetime.now(dt.timezone.utc).isoformat()
         self.log.info("A/B: %s for %s, then user feedback decides", weights, ab.duration)
         self.defer(
-            trigger=RolloutWindowTrigger("", {}, wait_s=seconds(ab.duration)),
+            trigger=RolloutWindowTrigger({}, wait_s=seconds(ab.duration)),
             method_name="ab_complete",
             kwargs={"state": state},
             timeout=dt.timedelta(seconds=seconds(ab.duration) + 600),
@@ -451,7 +451,7 @@ class VLLMDeployOperator(LocalJobMixin, BaseOperator):
                     recipe.deployment.rollout.grace_period,
                 )
                 self.defer(
-                    trigger=RolloutWindowTrigger("", {}, wait_s=grace),
+                    trigger=RolloutWindowTrigger({}, wait_s=grace),
                     method_name="retire_old",
                     kwargs={"state": state},
                     timeout=dt.timedelta(seconds=grace + 600),

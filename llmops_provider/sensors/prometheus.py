@@ -9,17 +9,18 @@ from typing import Any
 
 from llmops_provider.compat import AirflowException, BaseSensorOperator
 from llmops_provider.hooks.prometheus import PrometheusHook
-from llmops_provider.triggers.prometheus import (
-    PromQLConditionTrigger,
-    check_op,
-    condition_met,
-)
+from llmops_provider.triggers.prometheus import check_op, condition_met
+
+MAX_ERRORS = 5  # consecutive failed queries before a deferred sensor fails (the watchers never give up)
 
 
 class PromQLSensor(BaseSensorOperator):
     """Succeeds once ``<query> <op> <threshold>`` has held for ``hold_for_s`` seconds.
 
-    Returns the trigger event ``{status, value, query, op, threshold, held_for_s}``.
+    Deferred, it waits on :class:`~llmops_provider.triggers.watchers.PromQLWatchTrigger`, which
+    reads the connection in the triggerer (no credential is serialized) and gives up after
+    ``MAX_ERRORS`` failed queries in a row. Returns the trigger event
+    ``{status: fired, value, query, op, threshold, held_for_s, ...}`` (poke mode: nothing).
 
     :param query: PromQL returning one series or a scalar (templated)
     :param op: one of ``> >= < <= == !=``
@@ -31,9 +32,17 @@ class PromQLSensor(BaseSensorOperator):
 
     template_fields: Sequence[str] = ("query", "threshold")
 
-    def __init__(self, *, query: str, op: str, threshold: float, hold_for_s: float = 0.0,
-                 prometheus_conn_id: str = PrometheusHook.default_conn_name, deferrable: bool = True,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        query: str,
+        op: str,
+        threshold: float,
+        hold_for_s: float = 0.0,
+        prometheus_conn_id: str = PrometheusHook.default_conn_name,
+        deferrable: bool = True,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self.query = query
         self.op = check_op(op)
@@ -46,19 +55,29 @@ class PromQLSensor(BaseSensorOperator):
     def execute(self, context) -> Any:
         if not self.deferrable:
             return super().execute(context)
-        hook = PrometheusHook(self.prometheus_conn_id)
+        from llmops_provider.triggers.watchers import PromQLWatchTrigger
+
         self.defer(
-            trigger=PromQLConditionTrigger(
-                base_url=hook.base_url(), query=self.query, op=self.op, threshold=float(self.threshold),
-                hold_for_s=self.hold_for_s, poll_interval_s=self.poke_interval, headers=hook.headers(),
+            trigger=PromQLWatchTrigger(
+                name=self.task_id,
+                query=self.query,
+                op=self.op,
+                threshold=float(self.threshold),
+                hold_for_s=self.hold_for_s,
+                poll_interval_s=self.poke_interval,
+                prometheus_conn_id=self.prometheus_conn_id,
+                max_errors=MAX_ERRORS,
             ),
             method_name="execute_complete",
             timeout=timedelta(seconds=self.timeout) if self.timeout else None,
         )
 
     def execute_complete(self, context, event: dict[str, Any]) -> dict[str, Any]:
-        if event.get("status") != "met":
-            raise AirflowException(f"PromQL watch failed: {event.get('message', event)}")
+        status = (event or {}).get("status")
+        if status == "error":
+            raise AirflowException(f"PromQL watch of {self.query!r} failed: {event.get('message')}")
+        if status != "fired":
+            raise AirflowException(f"PromQL watch of {self.query!r}: unexpected trigger event {event!r}")
         self.log.info("condition met: %s = %s %s %s", event["query"], event["value"], event["op"], event["threshold"])
         return event
 
@@ -71,6 +90,7 @@ class PromQLSensor(BaseSensorOperator):
         now = time.monotonic()
         self._since = now if self._since is None else self._since
         held = now - self._since
-        self.log.info("%s = %s %s %s (held %.0fs of %.0fs)", self.query, value, self.op, self.threshold, held,
-                      self.hold_for_s)
+        self.log.info(
+            "%s = %s %s %s (held %.0fs of %.0fs)", self.query, value, self.op, self.threshold, held, self.hold_for_s
+        )
         return held >= self.hold_for_s

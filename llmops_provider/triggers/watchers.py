@@ -7,6 +7,9 @@ that persists for hours produces one asset event, not one per poll. (A triggerer
 forgets that state; the monitor DAG's retrain gate, persisted in an Airflow Variable, catches
 the second event.)
 
+``PromQLWatchTrigger`` is also the trigger ``PromQLSensor`` defers to (with ``max_errors``); the
+triggerer stops a deferred task's trigger after its first event, so there the latch plays no part.
+
 Triggers serialize only primitives. Connections are resolved when ``run`` starts, in the
 triggerer, never copied into the serialized DAG: no credential lands in the DAG table.
 """
@@ -22,7 +25,7 @@ from typing import Any
 
 from llmops_provider.compat import BaseEventTrigger, TriggerEvent
 from llmops_provider.hooks.prometheus import PrometheusError, first_value, prom_query
-from llmops_provider.triggers.prometheus import check_op, condition_met
+from llmops_provider.triggers.prometheus import check_op, condition_met, prometheus_endpoint
 
 
 class IncidentLatch:
@@ -61,6 +64,10 @@ def _utcnow() -> str:
 class PromQLWatchTrigger(BaseEventTrigger):
     """Watch ``<query> <op> <threshold>`` in Prometheus; one event per incident.
 
+    Events: ``{watcher, recipe, status: fired, value, query, op, threshold, held_for_s, fired_at}``;
+    with ``max_errors``, ``{watcher, recipe, status: error, message, query}`` after that many
+    consecutive failed queries (or when the connection cannot be read), and the trigger ends.
+
     :param name: the condition's name, e.g. ``e2e_latency_p95_seconds`` (in the event)
     :param query: PromQL returning one series or a scalar
     :param op: one of ``> >= < <= == !=``
@@ -72,6 +79,8 @@ class PromQLWatchTrigger(BaseEventTrigger):
     :param base_url: use this URL instead of the connection (no auth)
     :param recipe: recipe name, carried into the event for the lineage
     :param timeout_s: per-query HTTP timeout
+    :param max_errors: consecutive failed queries before an ``error`` event ends the watch;
+        0 = never give up (a watcher outlives outages; a sensor should not wait through one forever)
     """
 
     def __init__(
@@ -87,8 +96,11 @@ class PromQLWatchTrigger(BaseEventTrigger):
         base_url: str | None = None,
         recipe: str | None = None,
         timeout_s: float = 10.0,
+        max_errors: int = 0,
     ) -> None:
         super().__init__()
+        if int(max_errors) < 0:
+            raise ValueError(f"max_errors={max_errors!r} must be >= 0 (0 = keep polling through outages)")
         self.name = name
         self.query = query
         self.op = check_op(op)
@@ -100,6 +112,7 @@ class PromQLWatchTrigger(BaseEventTrigger):
         self.base_url = base_url
         self.recipe = recipe
         self.timeout_s = float(timeout_s)
+        self.max_errors = int(max_errors)
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -116,32 +129,39 @@ class PromQLWatchTrigger(BaseEventTrigger):
                 "base_url": self.base_url,
                 "recipe": self.recipe,
                 "timeout_s": self.timeout_s,
+                "max_errors": self.max_errors,
             },
         )
 
-    async def _endpoint(self) -> tuple[str, dict[str, str]]:
-        if self.base_url:
-            return self.base_url, {}
-        from asgiref.sync import sync_to_async
-
-        from llmops_provider.hooks.prometheus import PrometheusHook
-
-        def resolve() -> tuple[str, dict[str, str]]:
-            hook = PrometheusHook(self.prometheus_conn_id)
-            return hook.base_url(), hook.headers()
-
-        return await sync_to_async(resolve)()
+    def _error(self, message: str) -> TriggerEvent:
+        return TriggerEvent(
+            {"watcher": self.name, "recipe": self.recipe, "status": "error", "message": message, "query": self.query}
+        )
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        url, headers = await self._endpoint()
+        # resolved here, in the triggerer: the credentials never enter the serialized kwargs
+        try:
+            url, headers = await prometheus_endpoint(self.prometheus_conn_id, self.base_url)
+        except Exception as exc:
+            if not self.max_errors:
+                raise
+            yield self._error(f"Prometheus connection {self.prometheus_conn_id!r} could not be read: {exc}")
+            return
         latch = IncidentLatch(self.hold_for_s, self.rearm_after_s)
+        errors = 0
         while True:
             try:
                 result = await asyncio.to_thread(prom_query, url, self.query, self.timeout_s, headers)
                 value = first_value(result)
+                errors = 0
             except PrometheusError as exc:
-                # a watcher outlives outages: log and keep polling (the monitor DAG's cron reports them)
-                self.log.warning("watcher %s: %s", self.name, exc)
+                errors += 1
+                if self.max_errors and errors >= self.max_errors:
+                    self.log.error("watcher %s: %d failed queries in a row, giving up: %s", self.name, errors, exc)
+                    yield self._error(str(exc))
+                    return
+                # without max_errors a watcher outlives outages: log and keep polling (the monitor's cron reports them)
+                self.log.warning("watcher %s: query failed (%d/%s): %s", self.name, errors, self.max_errors or "-", exc)
                 await asyncio.sleep(self.poll_interval_s)
                 continue
             met = condition_met(value, self.op, self.threshold)

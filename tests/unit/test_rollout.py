@@ -150,18 +150,27 @@ def test_trigger_serializes_primitives_and_reports_query_errors():
     from llmops_provider.triggers.rollout import RolloutWindowTrigger
 
     trigger = RolloutWindowTrigger(
-        "http://127.0.0.1:1", {"canary.requests": "vector(1)"}, wait_s=0, retries=1, timeout_s=1
+        {"canary.requests": "vector(1)"}, wait_s=0, base_url="http://127.0.0.1:1", retries=1, timeout_s=1
     )
     classpath, kwargs = trigger.serialize()
     assert classpath == "llmops_provider.triggers.rollout.RolloutWindowTrigger"
     assert json.loads(json.dumps(kwargs)) == kwargs
 
-    async def first():
-        async for event in RolloutWindowTrigger(**kwargs).run():
+    async def first(trigger):
+        async for event in trigger.run():
             return event.payload
 
-    event = asyncio.run(first())
+    event = asyncio.run(first(RolloutWindowTrigger(**kwargs)))
     assert event["status"] == "error" and "unreachable" in event["message"]  # a closed port: fail closed
+    # the connection is read in the triggerer: a missing one fails the step closed, naming it
+    missing = RolloutWindowTrigger({"canary.requests": "vector(1)"}, wait_s=0, prometheus_conn_id="prom_nowhere")
+    event = asyncio.run(first(missing))
+    assert event["status"] == "error" and "'prom_nowhere'" in event["message"]
+    # a timer reads no connection at all
+    assert asyncio.run(first(RolloutWindowTrigger({}, wait_s=0, prometheus_conn_id="prom_nowhere"))) == {
+        "status": "ok",
+        "values": {},
+    }
 
 
 def test_recipe_rejects_bad_rollouts(tmp_path):
