@@ -17,8 +17,6 @@ import unicodedata
 
 import numpy as np
 
-from spark_jobs import minhash
-
 _MODEL = None
 CACHE_VERSION = 1  # bump when the cached arrays change
 
@@ -72,6 +70,25 @@ def encode(text: str) -> bytes:
         text = text.lower()
     return unicodedata.normalize("NFC", text).encode("utf8", errors="surrogatepass")
 
+
+
+def first_seen_counts(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct values of ``feats`` and their counts, in order of first occurrence.
+
+    The order py3langid sums its features in (a ``Counter`` of the walk): the float32 dot
+    product then adds the same terms in the same order, so the scores are py3langid's to the
+    bit, on any CPU (sorted order gave answers a few float32 ulps away, and how many depended on
+    the machine's BLAS kernels).
+    """
+    order = np.argsort(feats, kind="stable")  # stable: a group's first element is its first occurrence
+    ranked = feats[order]
+    first = np.empty(ranked.size, dtype=bool)
+    first[0] = True
+    np.not_equal(ranked[1:], ranked[:-1], out=first[1:])
+    starts = np.flatnonzero(first)
+    counts = np.diff(np.append(starts, ranked.size))
+    seen = np.argsort(order[starts])
+    return ranked[starts][seen], counts[seen]
 
 class BatchIdentifier:
     def __init__(self, identifier=None, arrays: dict | None = None) -> None:
@@ -154,7 +171,7 @@ class BatchIdentifier:
             feats = self.output[states[: len(sample), col]] if sample else np.empty(0, dtype=np.int64)
             feats = feats[feats >= 0]
             if feats.size:
-                idx, counts = minhash.sorted_counts(feats)  # np.unique's answer, faster
+                idx, counts = first_seen_counts(feats)
                 scores = np.log1p(counts.astype(np.float32)) @ self.ptc[idx] + self.pc
             else:  # no features: uniform, as py3langid answers under norm_probs
                 scores = np.zeros(len(self.classes), dtype=np.float32)
