@@ -8,7 +8,7 @@ ENV     := source deploy/local/env.sh
 PYTEST_ARGS ?=
 DEMO_ARGS   ?=
 
-.PHONY: help setup demo start stop status test test-unit test-integration test-e2e bench lock
+.PHONY: help setup demo start stop status lint typecheck test test-unit test-integration test-e2e bench lock
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-17s %s\n", $$1, $$2}'
@@ -29,6 +29,13 @@ stop:  ## stop everything the stack and the deploy stage started
 
 status:  ## what runs
 	deploy/local/stack.sh status
+
+lint: setup  ## ruff check (E, F, I, B, UP, no heavy module-level imports outside the job runtime) + ruff format --check
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+
+typecheck: setup  ## mypy on the job specs, the recipe schema and the rollout analysis ([tool.mypy] in pyproject.toml)
+	.venv/bin/mypy
 
 test: setup  ## unit + integration + e2e
 	$(PYTEST) tests -m "unit or integration or e2e" --timeout=2700 --durations=25 $(PYTEST_ARGS)

@@ -269,9 +269,12 @@ def run_text_dedup(python: Path, work: Path, clean: Path) -> tuple[dict, set[str
     for m in re.finditer(r"^\S*\s+INFO\s+(\w+): ([0-9.]+) s\s+\(", (work / "text_dedup.log").read_text(), re.M):
         phases[m.group(1)] = float(m.group(2))
     metrics["phases_s"] = phases
-    metrics["step_s"] = round(sum(phases.get(k, 0.0) for k in ("MinHashing", "Clustering", "Verifying", "Filtering")), 2)
+    metrics["step_s"] = round(
+        sum(phases.get(k, 0.0) for k in ("MinHashing", "Clustering", "Verifying", "Filtering")), 2
+    )
     ids = subprocess.run(
-        [str(python), "-c", f"import datasets,json; print(json.dumps(list(datasets.load_from_disk({str(wd / 'out')!r})['id'])))"],
+        [str(python), "-c",
+         f"import datasets,json; print(json.dumps(list(datasets.load_from_disk({str(wd / 'out')!r})['id'])))"],
         capture_output=True, text=True, check=True, env=env, cwd=wd,
     ).stdout  # fmt: skip
     return metrics, set(json.loads(ids))
@@ -447,7 +450,9 @@ def main() -> None:
                 )
     report = {
         "command": "(cd /work/main && .venv/bin/python bench/bench_data_dedup.py " + " ".join(sys.argv[1:]) + ")",
-        "machine": {"cores_used": CORES, "cpu": platform.processor() or platform.machine(), "python": platform.python_version()},
+        "machine": {
+            "cores_used": CORES, "cpu": platform.processor() or platform.machine(), "python": platform.python_version()
+        },
         "corpus": {k: manifest[k] for k in ("lines", "real_documents", "bytes", "malformed", "digest")}
         | {"planted_near": len(manifest["near_duplicates"]), "planted_exact": len(manifest["exact_duplicates"]),
            "junk": len(manifest["junk"])},

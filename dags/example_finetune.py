@@ -22,7 +22,7 @@ STAGING = "{{ ti.xcom_pull(task_ids='prepare')['staging_dir'] }}"
 with DAG(
     "example_finetune",
     schedule=None,
-    start_date=dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc),
+    start_date=dt.datetime(2026, 1, 1, tzinfo=dt.UTC),
     catchup=False,
     tags=["llmops", "example"],
 ):

@@ -22,7 +22,18 @@ from pathlib import Path
 MODULES = sorted(
     m.name for m in pkgutil.iter_modules() if m.module_finder.path.endswith("python3.11") and not m.name.startswith("_")
 )
-SKIP = {"antigravity", "this", "idlelib", "turtledemo", "tkinter", "turtle", "pydoc_data", "lib2to3", "ensurepip", "venv"}
+SKIP = {
+    "antigravity",
+    "this",
+    "idlelib",
+    "turtledemo",
+    "tkinter",
+    "turtle",
+    "pydoc_data",
+    "lib2to3",
+    "ensurepip",
+    "venv",
+}
 
 
 def docstrings() -> list[tuple[str, str]]:
@@ -35,10 +46,16 @@ def docstrings() -> list[tuple[str, str]]:
             mod = importlib.import_module(name)
         except Exception:
             continue
-        for qual, obj in [(name, mod)] + [(f"{name}.{k}", v) for k, v in sorted(vars(mod).items()) if not k.startswith("_")]:
+        for qual, obj in [(name, mod)] + [
+            (f"{name}.{k}", v) for k, v in sorted(vars(mod).items()) if not k.startswith("_")
+        ]:
             if getattr(obj, "__module__", name) not in (name, None) and qual != name:
                 continue
-            doc = inspect.getdoc(obj) if (inspect.ismodule(obj) or inspect.isclass(obj) or inspect.isfunction(obj)) else None
+            doc = (
+                inspect.getdoc(obj)
+                if (inspect.ismodule(obj) or inspect.isclass(obj) or inspect.isfunction(obj))
+                else None
+            )
             if doc and len(doc) >= 80:
                 out.append((qual, doc))
     seen, uniq = set(), []
@@ -60,7 +77,12 @@ def main(dest: str) -> None:
         if i == 1:
             # deliberate defects: exact duplicates, bad JSON, missing/non-string text
             lines += lines[:5]
-            lines += ['{"id": "broken-1", "text": "unterminated', '{"id": "no-text"}', '{"id": "num", "text": 42}', "not json at all"]
+            lines += [
+                '{"id": "broken-1", "text": "unterminated',
+                '{"id": "no-text"}',
+                '{"id": "num", "text": 42}',
+                "not json at all",
+            ]
         (out / f"batch-{i:03d}.jsonl").write_text("\n".join(lines) + "\n")
         print(f"batch-{i:03d}.jsonl: {len(lines)} lines", file=sys.stderr)
 

@@ -58,17 +58,31 @@ def watch_asset(recipe: Recipe) -> Asset:
         w = spec.watchers
         for cond in monitoring.watch_conditions(recipe.name, spec.slos, spec.window):
             trigger = PromQLWatchTrigger(
-                name=cond["name"], query=cond["query"], op=cond["op"], threshold=cond["threshold"],
-                hold_for_s=w.hold_for_s, poll_interval_s=w.poll_interval_s, rearm_after_s=w.rearm_after_s,
-                prometheus_conn_id=spec.prometheus_conn_id, recipe=recipe.name,
+                name=cond["name"],
+                query=cond["query"],
+                op=cond["op"],
+                threshold=cond["threshold"],
+                hold_for_s=w.hold_for_s,
+                poll_interval_s=w.poll_interval_s,
+                rearm_after_s=w.rearm_after_s,
+                prometheus_conn_id=spec.prometheus_conn_id,
+                recipe=recipe.name,
             )
             watchers.append(AssetWatcher(name=f"{recipe.name}-{cond['name']}", trigger=trigger))
         landing = expand(recipe.data.sources[0].path, config.home())
         feedback_path = expand(spec.feedback.path, config.home()).replace("{recipe}", recipe.name)
-        watchers.append(AssetWatcher(name=f"{recipe.name}-feedback", trigger=FeedbackWatchTrigger(
-            path=feedback_path, landed_path=landing, min_records=spec.feedback.min_curated_records,
-            poll_interval_s=max(w.poll_interval_s, 60.0), recipe=recipe.name,
-        )))
+        watchers.append(
+            AssetWatcher(
+                name=f"{recipe.name}-feedback",
+                trigger=FeedbackWatchTrigger(
+                    path=feedback_path,
+                    landed_path=landing,
+                    min_records=spec.feedback.min_curated_records,
+                    poll_interval_s=max(w.poll_interval_s, 60.0),
+                    recipe=recipe.name,
+                ),
+            )
+        )
     return Asset(uri=lineage.watch_uri(recipe.name), name=f"{recipe.name}.watch", group="llmops", watchers=watchers)
 
 
@@ -83,7 +97,8 @@ def loop_assets(recipe: Recipe) -> dict[str, Asset]:
 
 
 def _which_gate(recipe: Recipe):
-    """Branch of the evaluate DAG: a ``model`` event (or a manual run) -> ``evaluate``; ``reevaluate`` -> ``reevaluate``."""
+    """Branch of the evaluate DAG: a ``model`` event (or a manual run) -> ``evaluate``;
+    ``reevaluate`` -> ``reevaluate``."""
     from llmops_provider.feedback import action_uri
 
     model_uri, reevaluate_uri = lineage.asset_uri(recipe.name, "model"), action_uri(recipe.name, "reevaluate")
@@ -126,8 +141,11 @@ def _evaluate_tasks(recipe: Recipe, recipe_path: str, approved: Asset) -> None:
         f"to `{ev.approved_alias}`?",
         body="{{ ti.xcom_pull(task_ids='evaluate', key='approval_body') }}",
         response_timeout=dt.timedelta(hours=hours) if hours else None,
-        **({"assigned_users": [{"id": u, "name": u} for u in ev.human_approval.assigned_users]}
-           if ev.human_approval.assigned_users else {}),
+        **(
+            {"assigned_users": [{"id": u, "name": u} for u in ev.human_approval.assigned_users]}
+            if ev.human_approval.assigned_users
+            else {}
+        ),
     )
     promote = PromoteApprovedModelOperator(task_id="promote", recipe_path=recipe_path, outlets=[approved])
     route >> gate >> approve >> promote
@@ -158,7 +176,7 @@ def build_lifecycle_dags(recipe_path: str | Path) -> dict[str, DAG]:
     assets = assets_for(recipe)
     name = recipe.name
     common = {
-        "start_date": dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc),
+        "start_date": dt.datetime(2026, 1, 1, tzinfo=dt.UTC),
         "catchup": False,
         "max_active_runs": 1,  # one run per stage at a time: no retrain storms, no racing deploys
         "default_args": {**DEFAULT_ARGS, "owner": recipe.owner},
@@ -200,8 +218,10 @@ def build_lifecycle_dags(recipe_path: str | Path) -> dict[str, DAG]:
             if result.get("created"):
                 return True
             version = trained_version(recipe_path, result["dataset_commit"])
-            print(f"dataset {result['dataset_commit'][:12]} unchanged; trained with this recipe: "
-                  f"{'model version ' + version if version else 'not yet'}")
+            print(
+                f"dataset {result['dataset_commit'][:12]} unchanged; trained with this recipe: "
+                f"{'model version ' + version if version else 'not yet'}"
+            )
             return version is None
 
         @task(task_id="publish", outlets=[assets["dataset"]])
@@ -246,7 +266,11 @@ def build_lifecycle_dags(recipe_path: str | Path) -> dict[str, DAG]:
         description=f"{name}: lm-eval tasks, safety suite and champion comparison, gated by the recipe's policy",
         doc_md="Publishes the full report (MLflow eval run, `eval/report.html`), then passes (alias "
         f"`{recipe.evaluation.approved_alias}`, the approved asset) or fails closed."
-        + (" A person approves in the Airflow UI before promotion." if recipe.evaluation.human_approval.required else ""),
+        + (
+            " A person approves in the Airflow UI before promotion."
+            if recipe.evaluation.human_approval.required
+            else ""
+        ),
         **{**common, "default_args": {**common["default_args"], "retries": 0}},
     ) as eval_dag:
         _evaluate_tasks(recipe, recipe_path, assets["approved"])
@@ -266,8 +290,9 @@ def build_lifecycle_dags(recipe_path: str | Path) -> dict[str, DAG]:
     monitor_schedule = _cron(recipe.schedule.monitor) if recipe.schedule.monitor else None
     if recipe.monitoring.watchers.enabled:  # a watcher event runs the monitor at once, between cron ticks
         watch = watch_asset(recipe)
-        monitor_schedule = (AssetOrTimeSchedule(timetable=monitor_schedule, assets=watch) if monitor_schedule
-                            else [watch])
+        monitor_schedule = (
+            AssetOrTimeSchedule(timetable=monitor_schedule, assets=watch) if monitor_schedule else [watch]
+        )
     with DAG(
         f"{name}_monitor",
         schedule=monitor_schedule,
@@ -275,8 +300,12 @@ def build_lifecycle_dags(recipe_path: str | Path) -> dict[str, DAG]:
         **{**common, "default_args": {**common["default_args"], "retries": 0}},
     ) as monitor_dag:
         probe_on = recipe.monitoring.probe.enabled
-        check = MonitorOperator(task_id="check", recipe_path=recipe_path, probe_task_id="probe" if probe_on else None,
-                                trigger_rule="all_done")  # a failed probe must not stop the check
+        check = MonitorOperator(
+            task_id="check",
+            recipe_path=recipe_path,
+            probe_task_id="probe" if probe_on else None,
+            trigger_rule="all_done",
+        )  # a failed probe must not stop the check
 
         @task(task_id="request_retrain", outlets=[assets["retrain"]])
         def request_retrain(result: dict, **context) -> dict:
@@ -292,9 +321,11 @@ def build_lifecycle_dags(recipe_path: str | Path) -> dict[str, DAG]:
         # rollback: not while a deploy or another rollback moves traffic; re-evaluation: not while a
         # new version is on its way (it is evaluated on the newest data anyway)
         _loop_gate(name, "rollback", [f"{name}_deploy", f"{name}_rollback"])(result) >> _loop_request(
-            name, "rollback", loop["rollback"])(result)
+            name, "rollback", loop["rollback"]
+        )(result)
         _loop_gate(name, "reevaluate", [f"{name}_{s}" for s in ("data", "train", "evaluate", "deploy")])(
-            result) >> _loop_request(name, "reevaluate", loop["reevaluate"])(result)
+            result
+        ) >> _loop_request(name, "reevaluate", loop["reevaluate"])(result)
         if probe_on:
             from llmops_provider.operators.monitoring import ProbeEvalOperator
 

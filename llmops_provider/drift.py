@@ -29,7 +29,7 @@ def ngram_counts(texts: Iterable[str], n: int) -> Counter:
     counts: Counter = Counter()
     for text in texts:
         toks = tokens(text)
-        counts.update(zip(*(toks[i:] for i in range(n))) if n > 1 else toks)
+        counts.update(zip(*(toks[i:] for i in range(n)), strict=False) if n > 1 else toks)
     return counts
 
 

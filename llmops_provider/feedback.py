@@ -41,7 +41,7 @@ COOLDOWN_FIELDS = {
 
 def _parse_ts(raw: Any) -> dt.datetime:
     ts = dt.datetime.fromisoformat(str(raw).replace("Z", "+00:00"))
-    return ts if ts.tzinfo else ts.replace(tzinfo=dt.timezone.utc)
+    return ts if ts.tzinfo else ts.replace(tzinfo=dt.UTC)
 
 
 def check_record(record: Any) -> str | None:
@@ -171,11 +171,11 @@ def land(path: str | Path, landed_path: str | Path, min_records: int) -> dict[st
 
 def append(path: str | Path, record: dict[str, Any]) -> Path:
     """Append one validated record to today's file under ``path`` (for gateways and tests)."""
-    record = {"ts": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **record}
+    record = {"ts": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), **record}
     reason = check_record(record)
     if reason:
         raise ValueError(f"feedback record {record.get('id')!r}: {reason}")
-    file = Path(path) / f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d}.jsonl"
+    file = Path(path) / f"{dt.datetime.now(dt.UTC):%Y-%m-%d}.jsonl"
     file.parent.mkdir(parents=True, exist_ok=True)
     with file.open("a", encoding="utf-8") as fh:
         fh.write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -231,7 +231,7 @@ def retrain_gate(
 def _iso(epoch: Any) -> str:
     if epoch is None:
         return "never"
-    return dt.datetime.fromtimestamp(float(epoch), dt.timezone.utc).isoformat(timespec="seconds")
+    return dt.datetime.fromtimestamp(float(epoch), dt.UTC).isoformat(timespec="seconds")
 
 
 def retrain_gate_variable(recipe_name: str) -> str:
@@ -296,10 +296,16 @@ def rollback_candidate(record: dict[str, Any] | None, now: float, within_s: floa
         return None, f"deployment record has no readable deployed_at ({record.get('deployed_at')!r})"
     age = now - promoted
     if age > within_s:
-        return None, (f"v{version} was promoted {age / 3600:.1f}h ago, beyond monitoring.loop.rollback_within_s "
-                      f"({within_s / 3600:g}h): not a fresh regression")
-    found = {"from_version": str(version), "to_version": str(previous), "promoted_at": record.get("deployed_at"),
-             "age_s": round(age, 1)}
+        return None, (
+            f"v{version} was promoted {age / 3600:.1f}h ago, beyond monitoring.loop.rollback_within_s "
+            f"({within_s / 3600:g}h): not a fresh regression"
+        )
+    found = {
+        "from_version": str(version),
+        "to_version": str(previous),
+        "promoted_at": record.get("deployed_at"),
+        "age_s": round(age, 1),
+    }
     return found, f"v{version} was promoted {age / 60:.0f} min ago over v{previous}"
 
 
@@ -331,8 +337,11 @@ def next_steps(
         "reevaluate": {"incidents": {}, "reasons": [], "cooldown_s": loop.reevaluate_cooldown_s, "evidence": {}},
     }
     probe_breach = bool(probe) and probe.get("status") == "breach"
-    probe_reason = (f"probe ROUGE-L {probe.get('rouge_l'):.3f} < {probe.get('limit')} over {probe.get('n')} prompts"
-                    if probe_breach and probe.get("rouge_l") is not None else "probe quality breach")
+    probe_reason = (
+        f"probe ROUGE-L {probe.get('rouge_l'):.3f} < {probe.get('limit')} over {probe.get('n')} prompts"
+        if probe_breach and probe.get("rouge_l") is not None
+        else "probe quality breach"
+    )
     regressions = []
     if slo_status == "breach" and loop.rollback_on_slo_breach:
         regressions.append(("slo_breach", "; ".join(slo_reasons) or "SLO breach"))
@@ -344,8 +353,12 @@ def next_steps(
         for kind, reason in regressions:
             rollback["incidents"][kind] = f"v{candidate['from_version']}"
             rollback["reasons"].append(f"{reason}: {why}; rolling back to v{candidate['to_version']}")
-        rollback["evidence"] = {**candidate, "conditions": [k for k, _ in regressions],
-                                "slo_reasons": list(slo_reasons), "probe": _probe_summary(probe)}
+        rollback["evidence"] = {
+            **candidate,
+            "conditions": [k for k, _ in regressions],
+            "slo_reasons": list(slo_reasons),
+            "probe": _probe_summary(probe),
+        }
     elif regressions:
         rollback["reasons"].append(f"{'; '.join(r for _, r in regressions)}: no rollback ({why})")
     reevaluate = out["reevaluate"]
@@ -359,8 +372,11 @@ def next_steps(
         reevaluate["incidents"]["eval_inputs"] = f"v{version}:" + ",".join(sorted(eval_inputs_changed))
         reevaluate["reasons"].append(f"champion v{version} was not evaluated on: {', '.join(eval_inputs_changed)}")
     if reevaluate["incidents"]:
-        reevaluate["evidence"] = {"model_version": str(version) if version is not None else None,
-                                  "eval_inputs_changed": list(eval_inputs_changed), "probe": _probe_summary(probe)}
+        reevaluate["evidence"] = {
+            "model_version": str(version) if version is not None else None,
+            "eval_inputs_changed": list(eval_inputs_changed),
+            "probe": _probe_summary(probe),
+        }
     return out
 
 

@@ -39,6 +39,7 @@ def get_provider_info() -> dict:
                     "llmops_provider.operators.evaluation",
                     "llmops_provider.operators.deployment",
                     "llmops_provider.operators.monitoring",
+                    "llmops_provider.operators.loop",
                 ],
             }
         ],

@@ -120,12 +120,14 @@ def watch_conditions(model_name: str, slos: SLOs, window: str) -> list[dict[str,
         query = queries[key]
         if direction == "min":
             query = f"({query}) and on() ({queries['requests']} > 0)"
-        out.append({
-            "name": field,
-            "query": query,
-            "op": ">" if direction == "max" else "<",
-            "threshold": float(limit),
-        })
+        out.append(
+            {
+                "name": field,
+                "query": query,
+                "op": ">" if direction == "max" else "<",
+                "threshold": float(limit),
+            }
+        )
     return out
 
 

@@ -59,7 +59,7 @@ def prefix_match(candidate: str, reference: str, n: int = 4) -> float:
     if not r:
         return 0.0
     matched = 0
-    for x, y in zip(c, r):
+    for x, y in zip(c, r, strict=False):  # the candidate may be shorter or longer
         if x != y:
             break
         matched += 1

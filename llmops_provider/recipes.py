@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from itertools import pairwise
 from pathlib import Path
 from typing import Any, Literal
 
@@ -134,11 +135,15 @@ class NearDedupSpec(_Strict):
     num_perm: int = Field(100, ge=2, description="MinHash permutations; must equal bands x rows")
     bands: int = Field(20, ge=1)
     rows: int = Field(5, ge=1)
-    threshold: float = Field(0.8, gt=0, le=1, description="exact Jaccard at or above which two documents are duplicates")
+    threshold: float = Field(
+        0.8, gt=0, le=1, description="exact Jaccard at or above which two documents are duplicates"
+    )
     seed: int = 42
     max_bucket_pairs: int = Field(64, ge=1, description="a bucket member is compared with at most this many others")
     estimate_margin: float = Field(
-        0.15, ge=0, le=1,
+        0.15,
+        ge=0,
+        le=1,
         description="candidates whose MinHash estimate is below threshold - margin skip the exact Jaccard check",
     )
 
@@ -177,7 +182,10 @@ class DataSpec(_Strict):
         if set(v) != {"train", "validation", "test"}:
             raise ValueError("splits needs exactly the keys train, validation, test")
         if abs(sum(v.values()) - 1.0) > 1e-6 or min(v.values()) <= 0:
-            raise ValueError(f"split fractions must be > 0 and sum to 1.0, got {v}; e.g. {{train: 0.9, validation: 0.05, test: 0.05}}")
+            raise ValueError(
+                f"split fractions must be > 0 and sum to 1.0, got {v}; "
+                "e.g. {train: 0.9, validation: 0.05, test: 0.05}"
+            )
         return v
 
     @model_validator(mode="after")
@@ -219,7 +227,8 @@ class LoraSpec(_Strict):
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
     modules_to_save: list[str] = Field(
-        default_factory=list, description="extra fully-trained modules, e.g. [embed_tokens, lm_head] for a random-init base"
+        default_factory=list,
+        description="extra fully-trained modules, e.g. [embed_tokens, lm_head] for a random-init base",
     )
 
 
@@ -249,17 +258,26 @@ class TrainingSpec(_Strict):
     weight_decay: float = 0.0
     grad_clip: float = Field(1.0, ge=0, description="max gradient norm (DeepSpeed gradient_clipping); 0 disables")
     seed: int = 1234
-    zero_stage: int = Field(0, ge=0, le=3, description="DeepSpeed ZeRO stage: 0 off, 1 optimizer, 2 +gradients, "
-                            "3 +parameters (exported through zero_to_fp32)")
+    zero_stage: int = Field(
+        0,
+        ge=0,
+        le=3,
+        description="DeepSpeed ZeRO stage: 0 off, 1 optimizer, 2 +gradients, "
+        "3 +parameters (exported through zero_to_fp32)",
+    )
     precision: Literal["auto", "bf16", "fp32"] = Field(
-        "auto", description="auto: bf16 on a GPU that supports it, fp32 on CPU")
-    gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, ~30% slower")
+        "auto", description="auto: bf16 on a GPU that supports it, fp32 on CPU"
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in backward: less memory, ~30% slower"
+    )
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine schedule floor, as a fraction of learning_rate")
     world_size: int = Field(2, ge=1, description="ranks: CPU processes (gloo) locally, GPUs on Kubernetes")
     checkpoint_every: int = Field(25, ge=1, description="save a resumable checkpoint every N optimizer steps")
     eval_every: int | None = Field(None, ge=1, description="validation loss every N steps; default checkpoint_every")
     backend: Literal["local", "kubernetes", "kubeflow"] | None = Field(
-        None, description="default: [llmops] compute_backend; kubeflow = a multi-node Kubeflow TrainJob")
+        None, description="default: [llmops] compute_backend; kubeflow = a multi-node Kubeflow TrainJob"
+    )
     kubernetes: KubernetesSpec = KubernetesSpec()
 
     @model_validator(mode="after")
@@ -280,7 +298,13 @@ class Threshold(_Strict):
         return self
 
 
-GENERATED_TASKS = ("perplexity", "cloze", "generation")
+GeneratedTask = Literal["perplexity", "cloze", "generation"]
+GENERATED_TASKS: tuple[GeneratedTask, ...] = ("perplexity", "cloze", "generation")
+Direction = Literal["higher", "lower"]
+
+
+def _default_gate_metrics() -> dict[str, Direction]:
+    return {"bits_per_byte": "lower", "cloze_acc": "higher", "rouge_l": "higher"}
 
 
 class RegressionPolicy(_Strict):
@@ -288,8 +312,8 @@ class RegressionPolicy(_Strict):
 
     enabled: bool = True
     baseline_alias: str = Field("champion", description="registry alias of the model to beat (or at least match)")
-    metrics: dict[str, Literal["higher", "lower"]] = Field(
-        default_factory=lambda: {"bits_per_byte": "lower", "cloze_acc": "higher", "rouge_l": "higher"},
+    metrics: dict[str, Direction] = Field(
+        default_factory=_default_gate_metrics,
         description="metric -> which direction is better; each is compared with a paired bootstrap interval",
     )
     confidence: float = Field(0.95, gt=0.5, lt=1, description="two-sided confidence level of the interval")
@@ -347,7 +371,7 @@ class EvaluationSpec(_Strict):
     )
     limit: int | None = Field(200, ge=1, description="max held-out documents per task")
     backend: Literal["local", "kubernetes"] | None = None
-    tasks: list[Literal["perplexity", "cloze", "generation"]] = Field(
+    tasks: list[GeneratedTask] = Field(
         default_factory=lambda: list(GENERATED_TASKS),
         description="tasks generated from the held-out split (perplexity is always run)",
     )
@@ -366,8 +390,10 @@ class EvaluationSpec(_Strict):
         needs = {"cloze_acc": "cloze", "cloze_acc_norm": "cloze", "rouge_l": "generation"}
         for metric, task in needs.items():
             if self.regression.enabled and metric in self.regression.metrics and task not in self.tasks:
-                raise ValueError(f"regression.metrics names {metric!r} but task {task!r} is not in `tasks`; "
-                                 f"add {task!r} to `tasks` or remove {metric!r} from regression.metrics")
+                raise ValueError(
+                    f"regression.metrics names {metric!r} but task {task!r} is not in `tasks`; "
+                    f"add {task!r} to `tasks` or remove {metric!r} from regression.metrics"
+                )
         return self
 
     @field_validator("thresholds")
@@ -394,9 +420,11 @@ class RolloutBounds(_Strict):
     max_e2e_latency_p95_ratio: float | None = Field(1.5, gt=0, description="canary e2e p95 <= ratio x stable's")
     max_error_rate_increase: float | None = Field(0.01, ge=0, description="canary error rate <= stable's + this")
     min_throughput_ratio: float | None = Field(
-        0.5, ge=0, description="canary generation tokens/s per unit of weight >= ratio x stable's")
+        0.5, ge=0, description="canary generation tokens/s per unit of weight >= ratio x stable's"
+    )
     latency_slack_seconds: float = Field(
-        0.05, ge=0, description="a latency ratio only fails when canary is also this much slower (noise floor)")
+        0.05, ge=0, description="a latency ratio only fails when canary is also this much slower (noise floor)"
+    )
 
 
 class ABSpec(_Strict):
@@ -406,7 +434,8 @@ class ABSpec(_Strict):
     duration: str = "1h"
     min_rated: int = Field(20, ge=1, description="rated responses each variant needs in the test (fewer: no winner)")
     min_improvement: float = Field(
-        0.0, ge=0, le=1, description="B wins when its negative-feedback rate is at least this much below A's")
+        0.0, ge=0, le=1, description="B wins when its negative-feedback rate is at least this much below A's"
+    )
 
     @field_validator("duration")
     @classmethod
@@ -432,7 +461,7 @@ class RolloutSpec(_Strict):
     @field_validator("steps")
     @classmethod
     def _steps(cls, v: list[int]) -> list[int]:
-        if not v or any(not 0 < s <= 100 for s in v) or any(b <= a for a, b in zip(v, v[1:])) or v[-1] != 100:
+        if not v or any(not 0 < s <= 100 for s in v) or any(b <= a for a, b in pairwise(v)) or v[-1] != 100:
             raise ValueError(f"steps {v} must be increasing percentages in 1..100 ending at 100, e.g. [10, 50, 100]")
         return v
 
@@ -470,8 +499,10 @@ class PromptSpec(_Strict):
 
     name: str = Field(description="prompt name in MLflow's prompt registry, e.g. tiny-llama-chat")
     template_file: str | None = Field(
-        None, description="Jinja chat template; registered as a new version when its text changes "
-        "(relative to the recipe file, '{home}' allowed)")
+        None,
+        description="Jinja chat template; registered as a new version when its text changes "
+        "(relative to the recipe file, '{home}' allowed)",
+    )
     version: int | None = Field(None, ge=1, description="serve this registered version")
     alias: str | None = Field(None, description="serve the version this alias points at, e.g. champion")
 
@@ -479,7 +510,9 @@ class PromptSpec(_Strict):
     @classmethod
     def _name(cls, v: str) -> str:
         if not _PROMPT_NAME.match(v):
-            raise ValueError(f"{v!r} is not a prompt name: use letters, digits, '.', '_' and '-', e.g. 'tiny-llama-chat'")
+            raise ValueError(
+                f"{v!r} is not a prompt name: use letters, digits, '.', '_' and '-', e.g. 'tiny-llama-chat'"
+            )
         return v
 
     @model_validator(mode="after")
@@ -501,16 +534,20 @@ class DeploymentSpec(_Strict):
     tensor_parallel_size: int = Field(1, ge=1)
     quantization: str | None = Field(None, description="vLLM --quantization, e.g. fp8 (GPU)")
     extra_args: list[str] = Field(
-        default_factory=list, description="more vLLM server arguments, verbatim, e.g. ['--enforce-eager']")
+        default_factory=list, description="more vLLM server arguments, verbatim, e.g. ['--enforce-eager']"
+    )
     startup_timeout_s: int = Field(600, ge=30)
     smoke_prompt: str = "The"
     backend: Literal["local", "kubernetes"] | None = Field(None, description="default: [llmops] serving_backend")
     inject_latency_ms: float = Field(
-        0, ge=0, description="drills/tests only: delay every model step of the NEW version by this many ms")
+        0, ge=0, description="drills/tests only: delay every model step of the NEW version by this many ms"
+    )
     rollout: RolloutSpec = RolloutSpec()
     kubernetes: ServingKubernetesSpec = ServingKubernetesSpec()
     prompt: PromptSpec | None = Field(
-        None, description="chat template (MLflow prompt registry) vLLM applies; a new version is rolled out like a model")
+        None,
+        description="chat template (MLflow prompt registry) vLLM applies; a new version is rolled out like a model",
+    )
 
 
 class SLOs(_Strict):
@@ -680,7 +717,11 @@ def _format_errors(path: Path, exc: ValidationError) -> str:
             msg = "unknown field; remove it or fix its spelling (see llmops_provider/recipes.py)"
         elif err["type"] == "missing":
             msg = "required field is missing; add it"
-        lines.append(f"  - field `{field}`: {msg} (got {err.get('input')!r})" if err["type"] != "missing" else f"  - field `{field}`: {msg}")
+        lines.append(
+            f"  - field `{field}`: {msg} (got {err.get('input')!r})"
+            if err["type"] != "missing"
+            else f"  - field `{field}`: {msg}"
+        )
     return "\n".join(lines)
 
 

@@ -314,7 +314,7 @@ def ab_verdict(
         return not by_prompt or str(record.get("prompt_version") or "") == str(prompt or "")
 
     start = dt.datetime.fromisoformat(since)
-    rates = {}
+    rates: dict[str, dict[str, Any]] = {}
     for variant, version, prompt in (("a", a_version, a_prompt), ("b", b_version, b_prompt)):
         rate, n = negative_rate([r for r in records if served_by(r, version, prompt)], start)
         rates[variant] = {"version": version, "negative_rate": rate, "rated": n}

@@ -222,7 +222,7 @@ class Registry:
                 for (n, labels), (buckets, counts, total, count) in sorted(self.histograms.items()):
                     if n != name:
                         continue
-                    for bound, c in zip(buckets, counts):
+                    for bound, c in zip(buckets, counts, strict=True):
                         out.append(f"{name}_bucket{fmt(labels, (('le', f'{bound:g}'),))} {c}")
                     out.append(f"{name}_bucket{fmt(labels, (('le', '+Inf'),))} {count}")
                     out += [f"{name}_sum{fmt(labels)} {total:g}", f"{name}_count{fmt(labels)} {count}"]

@@ -64,7 +64,7 @@ def lineage_rows(access: Access) -> list[dict]:
     recipes = [load_recipe(path) for path in valid]
     readable = access.readable([r.name for r in recipes])
     rows = []
-    for path, recipe in zip(valid, recipes):
+    for path, recipe in zip(valid, recipes, strict=True):
         if recipe.name not in readable:
             continue
         row: dict = {"recipe": recipe.name, "file": str(path), "error": None}
@@ -118,7 +118,8 @@ def render(rows: list[dict]) -> str:
         "<!doctype html><html><head><meta charset=utf-8><title>LLMOps lineage</title>"
         "<style>body{font-family:sans-serif;margin:2em}td,th{border:1px solid #ccc;padding:.4em}"
         "table{border-collapse:collapse}.err{color:#b00;white-space:pre-wrap}</style></head><body>"
-        "<h1>LLMOps lineage</h1><p>dataset commit &rarr; training run &rarr; model version &rarr; eval &rarr; endpoint</p>"
+        "<h1>LLMOps lineage</h1>"
+        "<p>dataset commit &rarr; training run &rarr; model version &rarr; eval &rarr; endpoint</p>"
         "<table><tr><th>recipe</th><th>dataset head</th><th>serving model</th><th>trained on commit</th>"
         "<th>training run</th><th>eval run</th><th>endpoint</th></tr>" + "".join(body) + "</table></body></html>"
     )

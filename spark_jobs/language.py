@@ -71,7 +71,6 @@ def encode(text: str) -> bytes:
     return unicodedata.normalize("NFC", text).encode("utf8", errors="surrogatepass")
 
 
-
 def first_seen_counts(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Distinct values of ``feats`` and their counts, in order of first occurrence.
 
@@ -89,6 +88,7 @@ def first_seen_counts(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     counts = np.diff(np.append(starts, ranked.size))
     seen = np.argsort(order[starts])
     return ranked[starts][seen], counts[seen]
+
 
 class BatchIdentifier:
     def __init__(self, identifier=None, arrays: dict | None = None) -> None:

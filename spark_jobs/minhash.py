@@ -348,8 +348,14 @@ def components(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def component_edges(
-    rids: Sequence[int], sets: Sequence[np.ndarray], sigs: np.ndarray, bands: Sequence[Sequence[int]],
-    threshold: float, max_pairs_bucket: int, min_estimate: float, chunk: int = 1 << 15,
+    rids: Sequence[int],
+    sets: Sequence[np.ndarray],
+    sigs: np.ndarray,
+    bands: Sequence[Sequence[int]],
+    threshold: float,
+    max_pairs_bucket: int,
+    min_estimate: float,
+    chunk: int = 1 << 15,
 ) -> tuple[list[tuple[int, int, float]], int, int]:
     """Verified near-duplicate edges among the documents of one LSH component.
 

@@ -792,8 +792,8 @@ def prepare(
         if text_dir is not None:
             kept = kept.select("split", "id", *TEXT_AT).mapInArrow(_read_texts, "split string, id string, text string")
         packed = pack_version(spark, kept, output_tmp, tokenizer, seq_len, log)
-        stats["tokens"] = {s: {k: v[k] for k in ("documents", "document_tokens", "blocks", "tokens", "dropped_tail_tokens")}
-                           for s, v in packed["splits"].items()}  # fmt: skip
+        counted = ("documents", "document_tokens", "blocks", "tokens", "dropped_tail_tokens")
+        stats["tokens"] = {s: {k: v[k] for k in counted} for s, v in packed["splits"].items()}
         phase("tokenize")
     removed.unpersist()
     docs.unpersist()

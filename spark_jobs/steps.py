@@ -132,8 +132,15 @@ def _ipv4(match: re.Match) -> str:
     return "<IP>" if all(int(o) <= 255 for o in match.group().split(".")) else match.group()
 
 
-_ASSIGNED = {word: re.compile(rest) for word, rest in
-             (("key", r"\s*[:=]"), ("secret", r"\s*[:=]"), ("token", r"\s*[:=]"), ("passw", r"(?:or)?d\s*[:=]"))}  # fmt: skip
+_ASSIGNED = {
+    word: re.compile(rest)
+    for word, rest in (
+        ("key", r"\s*[:=]"),
+        ("secret", r"\s*[:=]"),
+        ("token", r"\s*[:=]"),
+        ("passw", r"(?:or)?d\s*[:=]"),
+    )
+}
 
 
 def _assignment_hint(text: str) -> bool:

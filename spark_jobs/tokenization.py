@@ -130,8 +130,14 @@ class Packer:
 
     def close(self) -> dict:
         self._flush()
-        return {"files": self.files, "blocks": self.n_blocks, "tokens": self.n_blocks * self.seq_len,
-                "documents": self.docs, "dropped_tail_tokens": len(self.buffer), "document_tokens": self.tokens}  # fmt: skip
+        return {
+            "files": self.files,
+            "blocks": self.n_blocks,
+            "tokens": self.n_blocks * self.seq_len,
+            "documents": self.docs,
+            "dropped_tail_tokens": len(self.buffer),
+            "document_tokens": self.tokens,
+        }
 
 
 def pack_version(spark, kept, out: Path, tokenizer_spec, seq_len: int, log=print) -> dict:

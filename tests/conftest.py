@@ -74,8 +74,13 @@ def prometheus_server(work: Path, targets: list[str], rule_files: list[Path] | N
     }
     (work / "prometheus.yml").write_text(_json.dumps(config))  # JSON is YAML
     port = free_port()
-    cmd = [binary, f"--config.file={work / 'prometheus.yml'}", f"--storage.tsdb.path={work / 'data'}",
-           f"--web.listen-address=127.0.0.1:{port}", "--storage.tsdb.retention.time=1h"]
+    cmd = [
+        binary,
+        f"--config.file={work / 'prometheus.yml'}",
+        f"--storage.tsdb.path={work / 'data'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+        "--storage.tsdb.retention.time=1h",
+    ]
     url = f"http://127.0.0.1:{port}"
     with running(cmd, f"{url}/-/ready", work / "prometheus.log", timeout=60):
         yield url
@@ -93,9 +98,20 @@ def _llmops_env(tmp_path_factory):
 
 def mlflow_server_cmd(work: Path, port: int) -> list[str]:
     """``mlflow server`` on SQLite under ``work`` with proxied artifacts (tests and benchmarks)."""
-    return [str(CONTROL_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-            "--backend-store-uri", f"sqlite:///{work}/mlflow.db", "--artifacts-destination", str(work / "artifacts"),
-            "--workers", "1"]
+    return [
+        str(CONTROL_BIN / "mlflow"),
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--backend-store-uri",
+        f"sqlite:///{work}/mlflow.db",
+        "--artifacts-destination",
+        str(work / "artifacts"),
+        "--workers",
+        "1",
+    ]
 
 
 @pytest.fixture(scope="session")
@@ -103,9 +119,20 @@ def mlflow_server(tmp_path_factory):
     """A real MLflow tracking server on SQLite with proxied artifacts; yields its URI."""
     work = tmp_path_factory.mktemp("mlflow")
     port = free_port()
-    cmd = [str(CONTROL_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-           "--backend-store-uri", f"sqlite:///{work}/mlflow.db", "--artifacts-destination", str(work / "artifacts"),
-           "--workers", "1"]
+    cmd = [
+        str(CONTROL_BIN / "mlflow"),
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--backend-store-uri",
+        f"sqlite:///{work}/mlflow.db",
+        "--artifacts-destination",
+        str(work / "artifacts"),
+        "--workers",
+        "1",
+    ]
     uri = f"http://127.0.0.1:{port}"
     with running(cmd, f"{uri}/health", work / "server.log"):
         yield uri
@@ -116,7 +143,8 @@ def mlflow_conn(monkeypatch, mlflow_server):
     """The `mlflow_default` Airflow connection pointing at the test server."""
     host, port = mlflow_server.removeprefix("http://").split(":")
     monkeypatch.setenv(
-        "AIRFLOW_CONN_MLFLOW_DEFAULT", f'{{"conn_type": "llmops_mlflow", "host": "{host}", "port": {port}, "schema": "http"}}'
+        "AIRFLOW_CONN_MLFLOW_DEFAULT",
+        f'{{"conn_type": "llmops_mlflow", "host": "{host}", "port": {port}, "schema": "http"}}',
     )
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     return mlflow_server

@@ -23,6 +23,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from datetime import datetime
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +53,12 @@ AIRFLOW_HOME = Path(env("AIRFLOW_HOME", str(LLMOPS_HOME / "airflow")))
 AIRFLOW_URL = f"http://127.0.0.1:{env('AIRFLOW_PORT', '8080')}"
 MLFLOW_URL = f"http://127.0.0.1:{env('MLFLOW_PORT', '5000')}"
 PROMETHEUS_URL = f"http://127.0.0.1:{env('PROMETHEUS_PORT', '9090')}"
-PASSWORDS_FILE = Path(env("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE",
-                          str(AIRFLOW_HOME / "simple_auth_manager_passwords.json.generated")))
+PASSWORDS_FILE = Path(
+    env(
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE",
+        str(AIRFLOW_HOME / "simple_auth_manager_passwords.json.generated"),
+    )
+)
 _T0 = time.monotonic()
 
 
@@ -79,26 +84,37 @@ class Airflow:
 
     def login(self) -> None:
         body = json.dumps({"username": self.user, "password": self.password}).encode()
-        req = urllib.request.Request(f"{self.base_url}/auth/token", data=body, method="POST",
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            f"{self.base_url}/auth/token", data=body, method="POST", headers={"Content-Type": "application/json"}
+        )
         try:
             with urllib.request.urlopen(req, timeout=30) as resp:
                 self.token = json.load(resp)["access_token"]
         except urllib.error.HTTPError as exc:
-            raise DemoFailed(f"login to {self.base_url} as {self.user} failed: HTTP {exc.code} {exc.read()[:300]!r}; "
-                             f"the password is in {PASSWORDS_FILE}") from None
+            raise DemoFailed(
+                f"login to {self.base_url} as {self.user} failed: HTTP {exc.code} {exc.read()[:300]!r}; "
+                f"the password is in {PASSWORDS_FILE}"
+            ) from None
 
-    def call(self, method: str, path: str, body: Any = None, query: dict[str, Any] | None = None,
-             ok404: bool = False) -> Any:
+    def call(
+        self, method: str, path: str, body: Any = None, query: dict[str, Any] | None = None, ok404: bool = False
+    ) -> Any:
         url = f"{self.base_url}/api/v2{path}"
         if query:
             url += "?" + urllib.parse.urlencode(query, doseq=True)
         for attempt in range(2):
             if self.token is None:
                 self.login()
-            req = urllib.request.Request(url, method=method, data=None if body is None else json.dumps(body).encode(),
-                                         headers={"Authorization": f"Bearer {self.token}",
-                                                  "Content-Type": "application/json", "Accept": "application/json"})
+            req = urllib.request.Request(
+                url,
+                method=method,
+                data=None if body is None else json.dumps(body).encode(),
+                headers={
+                    "Authorization": f"Bearer {self.token}",
+                    "Content-Type": "application/json",
+                    "Accept": "application/json",
+                },
+            )
             try:
                 with urllib.request.urlopen(req, timeout=60) as resp:
                     raw = resp.read()
@@ -109,11 +125,14 @@ class Airflow:
                     continue
                 if exc.code == 404 and ok404:
                     return None
-                raise ApiError(f"{method} {url} -> HTTP {exc.code}: {exc.read()[:500].decode(errors='replace')}",
-                               exc.code) from None
+                raise ApiError(
+                    f"{method} {url} -> HTTP {exc.code}: {exc.read()[:500].decode(errors='replace')}", exc.code
+                ) from None
             except urllib.error.URLError as exc:
-                raise DemoFailed(f"{method} {url}: Airflow API unreachable ({exc.reason}); "
-                                 "is the stack up? deploy/local/stack.sh status") from None
+                raise DemoFailed(
+                    f"{method} {url}: Airflow API unreachable ({exc.reason}); "
+                    "is the stack up? deploy/local/stack.sh status"
+                ) from None
         raise DemoFailed(f"{method} {url}: unauthorized after a fresh login")
 
     # helpers
@@ -121,17 +140,23 @@ class Airflow:
         return self.call("GET", f"/dags/{dag}/dagRuns/{q(run_id)}")
 
     def task_instances(self, dag: str, run_id: str) -> list[dict]:
-        return self.call("GET", f"/dags/{dag}/dagRuns/{q(run_id)}/taskInstances", query={"limit": 100})["task_instances"]
+        return self.call("GET", f"/dags/{dag}/dagRuns/{q(run_id)}/taskInstances", query={"limit": 100})[
+            "task_instances"
+        ]
 
     def xcom(self, dag: str, run_id: str, task: str) -> Any:
-        entry = self.call("GET", f"/dags/{dag}/dagRuns/{q(run_id)}/taskInstances/{task}/xcomEntries/return_value",
-                          ok404=True)
+        entry = self.call(
+            "GET", f"/dags/{dag}/dagRuns/{q(run_id)}/taskInstances/{task}/xcomEntries/return_value", ok404=True
+        )
         return None if entry is None else entry.get("value")
 
     def log_tail(self, dag: str, run_id: str, task: str, try_number: int, lines: int = 40) -> list[str]:
         try:
-            data = self.call("GET", f"/dags/{dag}/dagRuns/{q(run_id)}/taskInstances/{task}/logs/{try_number}",
-                             query={"full_content": "true"})
+            data = self.call(
+                "GET",
+                f"/dags/{dag}/dagRuns/{q(run_id)}/taskInstances/{task}/logs/{try_number}",
+                query={"full_content": "true"},
+            )
         except DemoFailed as exc:
             return [f"(log not readable: {exc})"]
         out = []
@@ -141,8 +166,10 @@ class Airflow:
                 out.append(f"{level:>7} {entry.get('event', '')}" if level else str(entry.get("event", "")))
                 for err in entry.get("error_detail") or []:  # the exception, without the frames
                     last = (err.get("frames") or [{}])[-1]
-                    out.append(f"        {err.get('exc_type')}: {err.get('exc_value')}"
-                               f"  (at {last.get('filename')}:{last.get('lineno')})")
+                    out.append(
+                        f"        {err.get('exc_type')}: {err.get('exc_value')}"
+                        f"  (at {last.get('filename')}:{last.get('lineno')})"
+                    )
             else:
                 out.append(str(entry))
         return out[-lines:]
@@ -185,7 +212,9 @@ def admin_password() -> str:
     try:
         return json.loads(PASSWORDS_FILE.read_text())["admin"]
     except (OSError, ValueError, KeyError):
-        raise DemoFailed(f"no admin password in {PASSWORDS_FILE}: is the stack started with deploy/local/env.sh?") from None
+        raise DemoFailed(
+            f"no admin password in {PASSWORDS_FILE}: is the stack started with deploy/local/env.sh?"
+        ) from None
 
 
 def land(batch: str) -> bool:
@@ -214,8 +243,13 @@ def wait_for_dags(api: Airflow, dags: list[str], timeout: float = 300) -> None:
             return
         errors = api.call("GET", "/importErrors", query={"limit": 20}).get("import_errors", [])
         if time.monotonic() > deadline:
-            detail = "".join(f"\n  {e.get('filename')}:\n    " + str(e.get("stack_trace", "")).strip().replace("\n", "\n    ")
-                             for e in errors) or " (no import errors reported)"
+            detail = (
+                "".join(
+                    f"\n  {e.get('filename')}:\n    " + str(e.get("stack_trace", "")).strip().replace("\n", "\n    ")
+                    for e in errors
+                )
+                or " (no import errors reported)"
+            )
             raise DemoFailed(f"DAGs not parsed after {timeout:.0f}s: {', '.join(missing)}. Import errors:{detail}")
         time.sleep(POLL_S)
 
@@ -228,8 +262,9 @@ def unpause(api: Airflow, dags: list[str]) -> None:
 
 
 def active_runs(api: Airflow, dag: str) -> list[dict]:
-    return api.call("GET", f"/dags/{dag}/dagRuns",
-                    query={"state": ["queued", "running"], "order_by": "run_after", "limit": 20})["dag_runs"]
+    return api.call(
+        "GET", f"/dags/{dag}/dagRuns", query={"state": ["queued", "running"], "order_by": "run_after", "limit": 20}
+    )["dag_runs"]
 
 
 def start_data_run(api: Airflow) -> tuple[str, bool]:
@@ -240,8 +275,10 @@ def start_data_run(api: Airflow) -> tuple[str, bool]:
     active = active_runs(api, dag_id("data"))
     if active:
         run = active[0]
-        say(f"{dag_id('data')}: run {run['dag_run_id']} ({run['run_type']}) is already in flight; following it "
-            "instead of triggering another")
+        say(
+            f"{dag_id('data')}: run {run['dag_run_id']} ({run['run_type']}) is already in flight; following it "
+            "instead of triggering another"
+        )
         return run["dag_run_id"], True
     return trigger(api, dag_id("data")), False
 
@@ -290,17 +327,23 @@ def follow(api: Airflow, dag: str, run_id: str, timeout: float) -> dict[str, dic
             if state == "failed":
                 try_number = ti.get("try_number") or 1
                 tail = "\n    ".join(api.log_tail(dag, run_id, task, try_number))
-                raise DemoFailed(f"task {dag}.{task} failed (try {try_number}).\n  log: "
-                                 f"{ui_task_url(dag, run_id, task, try_number)}\n  last log lines:\n    {tail}")
+                raise DemoFailed(
+                    f"task {dag}.{task} failed (try {try_number}).\n  log: "
+                    f"{ui_task_url(dag, run_id, task, try_number)}\n  last log lines:\n    {tail}"
+                )
         run = api.run(dag, run_id)
         if run["state"] == "success":
             say(f"{dag} run succeeded ({_duration(run)})")
             return tis
         if run["state"] == "failed":
-            raise DemoFailed(f"{dag} run {run_id} failed ({_duration(run)}); task states: "
-                             f"{ {t: ti.get('state') for t, ti in tis.items()} }; see {AIRFLOW_URL}/dags/{dag}")
+            raise DemoFailed(
+                f"{dag} run {run_id} failed ({_duration(run)}); task states: "
+                f"{ {t: ti.get('state') for t, ti in tis.items()} }; see {AIRFLOW_URL}/dags/{dag}"
+            )
         if time.monotonic() > deadline:
-            raise DemoFailed(f"{dag} run {run_id} still {run['state']} after {timeout:.0f}s; see {AIRFLOW_URL}/dags/{dag}")
+            raise DemoFailed(
+                f"{dag} run {run_id} still {run['state']} after {timeout:.0f}s; see {AIRFLOW_URL}/dags/{dag}"
+            )
         time.sleep(POLL_S)
 
 
@@ -316,8 +359,11 @@ def downstream_run(api: Airflow, upstream_dag: str, upstream_run: str, dag: str,
     queued_since: float | None = None
     while True:
         try:
-            events = api.call("GET", "/assets/events", query={"source_dag_id": upstream_dag,
-                                                              "source_run_id": upstream_run, "limit": 50})["asset_events"]
+            events = api.call(
+                "GET",
+                "/assets/events",
+                query={"source_dag_id": upstream_dag, "source_run_id": upstream_run, "limit": 50},
+            )["asset_events"]
         except ApiError as exc:
             if exc.code != 500:
                 raise
@@ -326,12 +372,26 @@ def downstream_run(api: Airflow, upstream_dag: str, upstream_run: str, dag: str,
             # asset-triggered run after the upstream run started.
             events = []
             queued_since = queued_since or time.monotonic()
-            candidates = [] if time.monotonic() - queued_since < 30 else api.call("GET", f"/dags/{dag}/dagRuns", query={
-                "run_type": ["asset_triggered"], "run_after_gte": upstream_start, "order_by": "run_after",
-                "limit": 1})["dag_runs"]
+            candidates = (
+                []
+                if time.monotonic() - queued_since < 30
+                else api.call(
+                    "GET",
+                    f"/dags/{dag}/dagRuns",
+                    query={
+                        "run_type": ["asset_triggered"],
+                        "run_after_gte": upstream_start,
+                        "order_by": "run_after",
+                        "limit": 1,
+                    },
+                )["dag_runs"]
+            )
             if candidates:
                 run_id = candidates[0]["dag_run_id"]
-                say(f"{dag}: run {run_id} scheduled by an asset event after {upstream_dag}/{upstream_run} (matched by time)")
+                say(
+                    f"{dag}: run {run_id} scheduled by an asset event after {upstream_dag}/{upstream_run} "
+                    "(matched by time)"
+                )
                 return run_id
         for event in events:
             for created in event.get("created_dagruns") or []:
@@ -340,8 +400,10 @@ def downstream_run(api: Airflow, upstream_dag: str, upstream_run: str, dag: str,
                     return created["run_id"]
         if time.monotonic() > deadline:
             uris = sorted({e.get("uri") for e in events}) or "none"
-            raise DemoFailed(f"no {dag} run was scheduled by the asset events of {upstream_dag}/{upstream_run} "
-                             f"(events: {uris}) within {timeout:.0f}s; is {dag} unpaused and asset-scheduled?")
+            raise DemoFailed(
+                f"no {dag} run was scheduled by the asset events of {upstream_dag}/{upstream_run} "
+                f"(events: {uris}) within {timeout:.0f}s; is {dag} unpaused and asset-scheduled?"
+            )
         time.sleep(POLL_S)
 
 
@@ -350,18 +412,21 @@ def follow_chain(api: Airflow, data_run: str, runs: dict[str, str]) -> bool:
     runs["data"] = data_run
     tis = follow(api, dag_id("data"), data_run, CHAIN[0][1])
     if (tis.get("publish") or {}).get("state") == "skipped":
-        say(f"{dag_id('data')}: the data is unchanged and this recipe already trained on it: nothing to "
-            "retrain; the current champion stays")
+        say(
+            f"{dag_id('data')}: the data is unchanged and this recipe already trained on it: nothing to "
+            "retrain; the current champion stays"
+        )
         return False
-    for (prev, _), (stage, timeout) in zip(CHAIN, CHAIN[1:]):
+    for (prev, _), (stage, timeout) in pairwise(CHAIN):
         runs[stage] = downstream_run(api, dag_id(prev), runs[prev], dag_id(stage))
         follow(api, dag_id(stage), runs[stage], timeout)
     return True
 
 
 def latest_success(api: Airflow, dag: str) -> str | None:
-    runs = api.call("GET", f"/dags/{dag}/dagRuns",
-                    query={"state": ["success"], "order_by": "-run_after", "limit": 1})["dag_runs"]
+    runs = api.call("GET", f"/dags/{dag}/dagRuns", query={"state": ["success"], "order_by": "-run_after", "limit": 1})[
+        "dag_runs"
+    ]
     return runs[0]["dag_run_id"] if runs else None
 
 
@@ -384,18 +449,28 @@ def send_traffic(api: Airflow, runs: dict[str, str], requests: int = 24) -> dict
     prompts = [" ".join(d.split()[:6]) for d in docs][:requests] or ["The"]
     errors, first_error, started = 0, None, time.monotonic()
     for i in range(requests):
-        body = json.dumps({"model": deploy["served_model_name"], "prompt": prompts[i % len(prompts)],
-                           "max_tokens": 16, "temperature": 0.0, "seed": i}).encode()
-        req = urllib.request.Request(f"{deploy['endpoint']}/v1/completions", data=body,
-                                     headers={"Content-Type": "application/json"})
+        body = json.dumps(
+            {
+                "model": deploy["served_model_name"],
+                "prompt": prompts[i % len(prompts)],
+                "max_tokens": 16,
+                "temperature": 0.0,
+                "seed": i,
+            }
+        ).encode()
+        req = urllib.request.Request(
+            f"{deploy['endpoint']}/v1/completions", data=body, headers={"Content-Type": "application/json"}
+        )
         try:
             with urllib.request.urlopen(req, timeout=60) as resp:
                 json.load(resp)
         except (urllib.error.URLError, OSError, ValueError) as exc:
             errors += 1
             first_error = first_error or f"{type(exc).__name__}: {exc}"
-    say(f"traffic: {requests} completions of held-out prompts in {time.monotonic() - started:.1f}s, "
-        f"{errors} errors{f' (first: {first_error})' if first_error else ''}; waiting for Prometheus to scrape them")
+    say(
+        f"traffic: {requests} completions of held-out prompts in {time.monotonic() - started:.1f}s, "
+        f"{errors} errors{f' (first: {first_error})' if first_error else ''}; waiting for Prometheus to scrape them"
+    )
     time.sleep(12)  # two scrape intervals (deploy/local/prometheus.yml)
     return {"sent": requests, "errors": errors, "first_error": first_error}
 
@@ -407,8 +482,10 @@ def monitor_once(api: Airflow) -> tuple[str, dict, str | None]:
     tis = follow(api, dag, run_id, 900)
     check = api.xcom(dag, run_id, "check") or {}
     retrain_state = (tis.get("request_retrain") or {}).get("state")
-    say(f"monitor: status={check.get('status')} new_data={check.get('new_data')} retrain={check.get('retrain')} "
-        f"request_retrain={retrain_state}")
+    say(
+        f"monitor: status={check.get('status')} new_data={check.get('new_data')} retrain={check.get('retrain')} "
+        f"request_retrain={retrain_state}"
+    )
     for reason in check.get("reasons") or []:
         say(f"  reason: {reason}")
     for name, slo in (check.get("slos") or {}).items():
@@ -429,12 +506,19 @@ def build_summary(api: Airflow, runs: dict[str, str], monitor: dict, feedback: d
             runs[stage] = run
         return (api.xcom(dag_id(stage), run, task) or {}) if run else {}
 
-    commit, train, evaluate, deploy = x("data", "commit"), x("train", "train"), x("evaluate", "evaluate"), x("deploy", "deploy")
+    commit, train, evaluate, deploy = (
+        x("data", "commit"),
+        x("train", "train"),
+        x("evaluate", "evaluate"),
+        x("deploy", "deploy"),
+    )
     model = deploy.get("model_name") or train.get("model_name")
     version = deploy.get("model_version") or train.get("model_version")
     dataset_commit = deploy.get("dataset_commit") or train.get("dataset_commit") or commit.get("dataset_commit")
-    lineage = (f"champion {model} v{version} <- run {train.get('mlflow_run_id')} <- dataset "
-               f"{commit.get('dataset_repo')}@{dataset_commit}")
+    lineage = (
+        f"champion {model} v{version} <- run {train.get('mlflow_run_id')} <- dataset "
+        f"{commit.get('dataset_repo')}@{dataset_commit}"
+    )
     return {
         "recipe": RECIPE,
         "runs": {dag_id(s): r for s, r in runs.items()},
@@ -445,17 +529,25 @@ def build_summary(api: Airflow, runs: dict[str, str], monitor: dict, feedback: d
         "monitor": monitor,
         "lineage": lineage,
         "feedback": feedback,
-        "ui": {"airflow": {"url": AIRFLOW_URL, "user": api.user, "password": api.password,
-                           "password_file": str(PASSWORDS_FILE)},
-               "mlflow": MLFLOW_URL, "prometheus": PROMETHEUS_URL},
+        "ui": {
+            "airflow": {
+                "url": AIRFLOW_URL,
+                "user": api.user,
+                "password": api.password,
+                "password_file": str(PASSWORDS_FILE),
+            },
+            "mlflow": MLFLOW_URL,
+            "prometheus": PROMETHEUS_URL,
+        },
         "stop": "make stop",
     }
 
 
 def print_summary(s: dict) -> None:
     d, t, e, dep, m, f = s["data"], s["train"], s["evaluate"], s["deploy"], s["monitor"], s["feedback"]
-    metrics = ", ".join(f"{k}={v:.4g}" if isinstance(v, (int, float)) else f"{k}={v}"
-                        for k, v in (e.get("metrics") or {}).items())
+    metrics = ", ".join(
+        f"{k}={v:.4g}" if isinstance(v, (int, float)) else f"{k}={v}" for k, v in (e.get("metrics") or {}).items()
+    )
     lines = [
         "",
         "=" * 78,
@@ -472,11 +564,14 @@ def print_summary(s: dict) -> None:
         f"lineage     {s['lineage']}",
         f"monitoring  status {m.get('status')}; new data: {m.get('new_data')}; retrain: {m.get('retrain')}; "
         f"traffic {s.get('traffic', {}).get('sent', 0)} requests, {s.get('traffic', {}).get('errors', 0)} errors",
-        *[f"            SLO {k}: {v.get('value')} (limit {v.get('limit')}, ok {v.get('ok')})"
-          for k, v in (m.get("slos") or {}).items()],
+        *[
+            f"            SLO {k}: {v.get('value')} (limit {v.get('limit')}, ok {v.get('ok')})"
+            for k, v in (m.get("slos") or {}).items()
+        ],
         f"feedback    {f.get('message', '-')}",
         "",
-        f"Airflow     {s['ui']['airflow']['url']}   user {s['ui']['airflow']['user']}  password {s['ui']['airflow']['password']}",
+        f"Airflow     {s['ui']['airflow']['url']}   user {s['ui']['airflow']['user']}  "
+        f"password {s['ui']['airflow']['password']}",
         f"MLflow      {s['ui']['mlflow']}",
         f"Prometheus  {s['ui']['prometheus']}",
         f"summary     {LLMOPS_HOME / 'demo-summary.json'}",
@@ -493,12 +588,19 @@ def print_summary(s: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--follow-retrain", action=argparse.BooleanOptionalAction, default=True,
-                        help="follow the retrain chain (data -> train -> evaluate -> deploy) to the end and "
-                             "monitor the new champion (default); --no-follow-retrain leaves it running")
-    parser.add_argument("--land-only", action="store_true",
-                        help="only land the first sample batch (make demo does this before starting the stack, "
-                             "so the data DAG's first scheduled run finds it)")
+    parser.add_argument(
+        "--follow-retrain",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="follow the retrain chain (data -> train -> evaluate -> deploy) to the end and "
+        "monitor the new champion (default); --no-follow-retrain leaves it running",
+    )
+    parser.add_argument(
+        "--land-only",
+        action="store_true",
+        help="only land the first sample batch (make demo does this before starting the stack, "
+        "so the data DAG's first scheduled run finds it)",
+    )
     args = parser.parse_args(argv)
     if args.land_only:
         land("batch-001.jsonl")
@@ -542,8 +644,11 @@ def main(argv: list[str] | None = None) -> int:
         runs["monitor"], monitor = monitor_run, check
         if retrain_state == "success":
             retrain_run = downstream_run(api, dag_id("monitor"), monitor_run, dag_id("data"))
-            feedback = {"monitor_run": monitor_run, "retrain_data_run": retrain_run,
-                        "message": f"request_retrain ran; retrain asset scheduled {dag_id('data')} run {retrain_run}"}
+            feedback = {
+                "monitor_run": monitor_run,
+                "retrain_data_run": retrain_run,
+                "message": f"request_retrain ran; retrain asset scheduled {dag_id('data')} run {retrain_run}",
+            }
             if args.follow_retrain:
                 retrain_runs: dict[str, str] = {}
                 follow_chain(api, retrain_run, retrain_runs)
@@ -555,13 +660,18 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 feedback["message"] += " (it runs on in the background; see the Airflow UI)"
         elif not newly_landed and not check.get("new_data"):
-            feedback = {"monitor_run": monitor_run, "retrain_data_run": None,
-                        "message": "batch-002 was ingested by an earlier demo run: no new data, request_retrain "
-                                   "skipped (as it should be on a re-run)"}
+            feedback = {
+                "monitor_run": monitor_run,
+                "retrain_data_run": None,
+                "message": "batch-002 was ingested by an earlier demo run: no new data, request_retrain "
+                "skipped (as it should be on a re-run)",
+            }
         else:
-            raise DemoFailed(f"the monitor did not request a retrain after batch-002 landed (request_retrain: "
-                             f"{retrain_state}; check: {json.dumps(check)}); see "
-                             f"{ui_task_url(dag_id('monitor'), monitor_run, 'check')}")
+            raise DemoFailed(
+                f"the monitor did not request a retrain after batch-002 landed (request_retrain: "
+                f"{retrain_state}; check: {json.dumps(check)}); see "
+                f"{ui_task_url(dag_id('monitor'), monitor_run, 'check')}"
+            )
         say(feedback["message"])
     except DemoFailed as exc:
         error = str(exc)

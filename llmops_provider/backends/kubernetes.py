@@ -43,7 +43,9 @@ def pod_spec(spec: TrainJobSpec, k8s: KubernetesSpec) -> TrainJobSpec:
         ckpt = f"{CHECKPOINTS}/{spec.recipe}/{spec.idempotency_key}"
     else:
         ckpt = f"{WORKSPACE}/checkpoints"
-    return spec.model_copy(update={"output_dir": f"{WORKSPACE}/out", "checkpoint_dir": ckpt, "result_path": XCOM_RESULT})
+    return spec.model_copy(
+        update={"output_dir": f"{WORKSPACE}/out", "checkpoint_dir": ckpt, "result_path": XCOM_RESULT}
+    )
 
 
 def ranks(spec: TrainJobSpec, k8s: KubernetesSpec) -> int:
@@ -80,9 +82,16 @@ def _tolerations(items: list[dict[str, Any]]):
     return out
 
 
-def build_operator(spec: TrainJobSpec, k8s_spec: KubernetesSpec, *, task_id: str,
-                   kubernetes_conn_id: str | None = "kubernetes_default",
-                   mlflow_secret: str = DEFAULT_MLFLOW_SECRET, deferrable: bool = True, **kpo_kwargs: Any):
+def build_operator(
+    spec: TrainJobSpec,
+    k8s_spec: KubernetesSpec,
+    *,
+    task_id: str,
+    kubernetes_conn_id: str | None = "kubernetes_default",
+    mlflow_secret: str = DEFAULT_MLFLOW_SECRET,
+    deferrable: bool = True,
+    **kpo_kwargs: Any,
+):
     """A ``KubernetesPodOperator`` (not attached to any DAG) that runs ``spec`` in a pod."""
     from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
     from kubernetes.client import models as k8s
@@ -98,12 +107,17 @@ def build_operator(spec: TrainJobSpec, k8s_spec: KubernetesSpec, *, task_id: str
         limits["nvidia.com/gpu"] = str(k8s_spec.gpus)
 
     volumes = [
-        k8s.V1Volume(name="train-spec", downward_api=k8s.V1DownwardAPIVolumeSource(items=[
-            k8s.V1DownwardAPIVolumeFile(
-                path=PurePosixPath(SPEC_PATH).name,
-                field_ref=k8s.V1ObjectFieldSelector(field_path=f"metadata.annotations['{SPEC_ANNOTATION}']"),
-            )
-        ])),
+        k8s.V1Volume(
+            name="train-spec",
+            downward_api=k8s.V1DownwardAPIVolumeSource(
+                items=[
+                    k8s.V1DownwardAPIVolumeFile(
+                        path=PurePosixPath(SPEC_PATH).name,
+                        field_ref=k8s.V1ObjectFieldSelector(field_path=f"metadata.annotations['{SPEC_ANNOTATION}']"),
+                    )
+                ]
+            ),
+        ),
         # DeepSpeed/NCCL and dataloaders need more shared memory than the runtime's 64Mi default
         k8s.V1Volume(name="dshm", empty_dir=k8s.V1EmptyDirVolumeSource(medium="Memory", size_limit=k8s_spec.shm_size)),
         k8s.V1Volume(name="workspace", empty_dir=k8s.V1EmptyDirVolumeSource()),
@@ -114,10 +128,12 @@ def build_operator(spec: TrainJobSpec, k8s_spec: KubernetesSpec, *, task_id: str
         k8s.V1VolumeMount(name="workspace", mount_path=WORKSPACE),
     ]
     if k8s_spec.checkpoint_pvc:
-        volumes.append(k8s.V1Volume(
-            name="checkpoints",
-            persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(claim_name=k8s_spec.checkpoint_pvc),
-        ))
+        volumes.append(
+            k8s.V1Volume(
+                name="checkpoints",
+                persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(claim_name=k8s_spec.checkpoint_pvc),
+            )
+        )
         mounts.append(k8s.V1VolumeMount(name="checkpoints", mount_path=CHECKPOINTS))
 
     cmd = launch_command(SPEC_PATH, n_ranks)
@@ -155,7 +171,9 @@ def build_operator(spec: TrainJobSpec, k8s_spec: KubernetesSpec, *, task_id: str
     )
 
 
-def build_pod(spec: TrainJobSpec, k8s_spec: KubernetesSpec, context: Any = None, *, task_id: str = "train", **kwargs: Any):
+def build_pod(
+    spec: TrainJobSpec, k8s_spec: KubernetesSpec, context: Any = None, *, task_id: str = "train", **kwargs: Any
+):
     """The ``V1Pod`` the backend would create, built without a cluster (dry run)."""
     op = build_operator(spec, k8s_spec, task_id=task_id, **kwargs)
     return op.build_pod_request_obj(context, dry_run=True)

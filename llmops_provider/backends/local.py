@@ -31,8 +31,14 @@ class LocalProcessBackend:
         self.log = logger or log
         self._proc: subprocess.Popen | None = None
 
-    def run(self, cmd: Sequence[str], env: dict[str, str] | None = None, cwd: str | None = None,
-            secrets: Sequence[str] = (), pid_file: Path | None = None) -> list[str]:
+    def run(
+        self,
+        cmd: Sequence[str],
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        secrets: Sequence[str] = (),
+        pid_file: Path | None = None,
+    ) -> list[str]:
         """Run ``cmd`` to completion, streaming its output; returns the output lines.
 
         ``secrets`` are masked from every streamed line (defence in depth on top of
@@ -43,8 +49,14 @@ class LocalProcessBackend:
         self.log.info("starting local job: %s", _mask(" ".join(cmd), secrets))
         started = time.monotonic()
         self._proc = subprocess.Popen(
-            list(cmd), env=full_env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True, bufsize=1, start_new_session=True,
+            list(cmd),
+            env=full_env,
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+            start_new_session=True,
         )
         if pid_file is not None:
             pid_file.write_text(f"{self._proc.pid}\n")
@@ -180,8 +192,14 @@ class LocalJobMixin:
 
     _job_backend: LocalProcessBackend | None = None
 
-    def run_local_job(self, cmd: Sequence[str], env: dict[str, str], failure: str,
-                      secrets: Sequence[str] = (), pid_file: Path | None = None) -> list[str]:
+    def run_local_job(
+        self,
+        cmd: Sequence[str],
+        env: dict[str, str],
+        failure: str,
+        secrets: Sequence[str] = (),
+        pid_file: Path | None = None,
+    ) -> list[str]:
         from llmops_provider.compat import AirflowException
 
         self._job_backend = LocalProcessBackend(self.log)  # type: ignore[attr-defined]

@@ -70,8 +70,12 @@ IDENTITY_KEYS = ("dag_id", "task_id", "run_id", "map_index")  # try_number is re
 RESULT_PATH = f"{WORKSPACE}/out/result.json"  # inside the pod; the operator reads the log line instead
 # runtime/train.py logs ``log.info("result: %s", result.model_dump_json())`` on rank 0
 RESULT_LINE = re.compile(r"\[rank 0\] llmops\.train: result: (\{.*\})\s*$")
-MLFLOW_KEYS = (("MLFLOW_TRACKING_URI", False), ("MLFLOW_TRACKING_USERNAME", True),
-               ("MLFLOW_TRACKING_PASSWORD", True), ("MLFLOW_TRACKING_TOKEN", True))
+MLFLOW_KEYS = (
+    ("MLFLOW_TRACKING_URI", False),
+    ("MLFLOW_TRACKING_USERNAME", True),
+    ("MLFLOW_TRACKING_PASSWORD", True),
+    ("MLFLOW_TRACKING_TOKEN", True),
+)
 
 CLEANUP_POLICIES = ("always", "on_success", "never")
 DEFAULT_TIMEOUT_S = 72 * 3600.0
@@ -96,11 +100,16 @@ class TrainJobConflict(RuntimeError):
 
 # ---------------------------------------------------------------- identity
 
+
 def identity_labels(context: Mapping[str, Any]) -> dict[str, str]:
     """KubernetesPodOperator's identity labels for this task instance, sanitized to label syntax."""
     ti = context["ti"]
-    labels = {"dag_id": ti.dag_id, "task_id": ti.task_id, "run_id": str(context.get("run_id") or ti.run_id),
-              "try_number": str(ti.try_number)}
+    labels = {
+        "dag_id": ti.dag_id,
+        "task_id": ti.task_id,
+        "run_id": str(context.get("run_id") or ti.run_id),
+        "try_number": str(ti.try_number),
+    }
     map_index = getattr(ti, "map_index", -1)
     if map_index is not None and map_index >= 0:
         labels["map_index"] = str(map_index)
@@ -118,13 +127,15 @@ def trainjob_name(recipe: str, context: Mapping[str, Any]) -> str:
 
 # ---------------------------------------------------------------- the object
 
+
 def procs_per_node(spec: TrainJobSpec, k8s: KubernetesSpec) -> int:
     """``training.world_size`` ranks split evenly over ``num_nodes``; one rank per GPU at most."""
     n, nodes = spec.training.world_size, k8s.num_nodes
     if n % nodes:
         raise ValueError(
             f"training.world_size ({n}) is not a multiple of training.kubernetes.num_nodes ({nodes}): every node "
-            f"runs the same number of ranks; set training.world_size to a multiple of {nodes}, e.g. {nodes * max(1, n // nodes)}"
+            f"runs the same number of ranks; set training.world_size to a multiple of {nodes}, "
+            f"e.g. {nodes * max(1, n // nodes)}"
         )
     per_node = n // nodes
     if k8s.gpus and per_node > k8s.gpus:
@@ -165,12 +176,21 @@ def launch_command(ranks: int, spec_path: str = SPEC_PATH) -> list[str]:
 
 def _check_name(name: str) -> None:
     if not _DNS1035.match(name) or len(name) > MAX_NAME:
-        raise ValueError(f"TrainJob name {name!r} must be a DNS-1035 label of at most {MAX_NAME} characters "
-                         "(lowercase letters, digits, '-', starting with a letter); use trainjob_name()")
+        raise ValueError(
+            f"TrainJob name {name!r} must be a DNS-1035 label of at most {MAX_NAME} characters "
+            "(lowercase letters, digits, '-', starting with a letter); use trainjob_name()"
+        )
 
 
-def build_trainjob(spec: TrainJobSpec, k8s: KubernetesSpec, *, name: str, namespace: str,
-                   labels: Mapping[str, str], mlflow_secret: str = DEFAULT_MLFLOW_SECRET) -> dict[str, Any]:
+def build_trainjob(
+    spec: TrainJobSpec,
+    k8s: KubernetesSpec,
+    *,
+    name: str,
+    namespace: str,
+    labels: Mapping[str, str],
+    mlflow_secret: str = DEFAULT_MLFLOW_SECRET,
+) -> dict[str, Any]:
     """The TrainJob object (a plain dict, as the API takes it) that runs ``spec`` on ``k8s.num_nodes`` nodes."""
     from kubernetes.client import ApiClient
 
@@ -192,10 +212,17 @@ def build_trainjob(spec: TrainJobSpec, k8s: KubernetesSpec, *, name: str, namesp
         limits["nvidia.com/gpu"] = str(k8s.gpus)
 
     volumes: list[dict[str, Any]] = [
-        {"name": "train-spec", "downwardAPI": {"items": [{
-            "path": SPEC_PATH.rsplit("/", 1)[1],
-            "fieldRef": {"fieldPath": f"metadata.annotations['{SPEC_ANNOTATION}']"},
-        }]}},
+        {
+            "name": "train-spec",
+            "downwardAPI": {
+                "items": [
+                    {
+                        "path": SPEC_PATH.rsplit("/", 1)[1],
+                        "fieldRef": {"fieldPath": f"metadata.annotations['{SPEC_ANNOTATION}']"},
+                    }
+                ]
+            },
+        },
         # DeepSpeed/NCCL and dataloaders need more shared memory than the runtime's 64Mi default
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": k8s.shm_size}},
         {"name": "workspace", "emptyDir": {}},
@@ -220,11 +247,20 @@ def build_trainjob(spec: TrainJobSpec, k8s: KubernetesSpec, *, name: str, namesp
 
     spec_json = inner.model_dump_json()
     replicated = [
-        {"name": job, "template": {"spec": {"template": {
-            "metadata": {"labels": {**all_labels, LABEL_TRAINJOB: name, LABEL_ROLE: job},
-                         "annotations": {SPEC_ANNOTATION: spec_json}},
-            "spec": pod_patch,
-        }}}}
+        {
+            "name": job,
+            "template": {
+                "spec": {
+                    "template": {
+                        "metadata": {
+                            "labels": {**all_labels, LABEL_TRAINJOB: name, LABEL_ROLE: job},
+                            "annotations": {SPEC_ANNOTATION: spec_json},
+                        },
+                        "spec": pod_patch,
+                    }
+                }
+            },
+        }
         for job in (LAUNCHER, NODE)
     ]
     image = k8s.image or config.get("runtime_image")
@@ -247,13 +283,18 @@ def build_trainjob(spec: TrainJobSpec, k8s: KubernetesSpec, *, name: str, namesp
                 "resourcesPerNode": {"requests": requests, "limits": limits},
                 "env": env,
             },
-            "runtimePatches": [{"manager": PATCH_MANAGER,
-                                "trainingRuntimeSpec": {"template": {"spec": {"replicatedJobs": replicated}}}}],
+            "runtimePatches": [
+                {
+                    "manager": PATCH_MANAGER,
+                    "trainingRuntimeSpec": {"template": {"spec": {"replicatedJobs": replicated}}},
+                }
+            ],
         },
     }
 
 
 # ---------------------------------------------------------------- status and result
+
 
 def phase_of(obj: Mapping[str, Any]) -> tuple[str, str]:
     """(phase, message) from a TrainJob's ``status.conditions`` (and ``jobsStatus`` for Running)."""
@@ -270,8 +311,9 @@ def phase_of(obj: Mapping[str, Any]) -> tuple[str, str]:
             return phase, f"{cond.get('reason', '')}: {cond.get('message', '')}".strip(": ")
     jobs = status.get("jobsStatus") or []
     if true("Running") or any((j.get("active") or 0) + (j.get("ready") or 0) > 0 for j in jobs):
-        return RUNNING, ", ".join(f"{j['name']}: {j.get('ready', 0)} ready/{j.get('active', 0)} active"
-                                  for j in jobs) or "running"
+        return RUNNING, ", ".join(
+            f"{j['name']}: {j.get('ready', 0)} ready/{j.get('active', 0)} active" for j in jobs
+        ) or "running"
     created = true("Created")
     return PENDING, (created.get("message", "created") if created else "no status yet")
 
@@ -286,8 +328,10 @@ def parse_result(log_text: str) -> dict[str, Any]:
         if match:
             found = match.group(1)
     if found is None:
-        raise TrainJobFailed("the launcher log has no rank-0 'llmops.train: result: {...}' line: "
-                             "the training job ended without reporting a result")
+        raise TrainJobFailed(
+            "the launcher log has no rank-0 'llmops.train: result: {...}' line: "
+            "the training job ended without reporting a result"
+        )
     try:
         return TrainResult.model_validate_json(found).model_dump()
     except ValueError as exc:
@@ -320,8 +364,17 @@ class TrainJobBackend:
     :param log: a logger (the operator's)
     """
 
-    def __init__(self, api, namespace: str, *, core=None, cleanup: str = "on_success", log=None,
-                 sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        api,
+        namespace: str,
+        *,
+        core=None,
+        cleanup: str = "on_success",
+        log=None,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         if cleanup not in CLEANUP_POLICIES:
             raise ValueError(f"cleanup={cleanup!r} is not a cleanup policy; use one of {list(CLEANUP_POLICIES)}")
         import logging
@@ -362,11 +415,13 @@ class TrainJobBackend:
         if ours != theirs:
             raise TrainJobConflict(
                 f"TrainJob {self.namespace}/{name} exists but belongs to {theirs}, not {ours}; delete it "
-                f"(kubectl -n {self.namespace} delete trainjob {name}) or run the task under another id")
+                f"(kubectl -n {self.namespace} delete trainjob {name}) or run the task under another id"
+            )
         phase, message = phase_of(existing)
         if phase == FAILED:
-            self.log.warning("TrainJob %s/%s from an earlier try failed (%s); replacing it", self.namespace, name,
-                             message)
+            self.log.warning(
+                "TrainJob %s/%s from an earlier try failed (%s); replacing it", self.namespace, name, message
+            )
             self.delete(name, force=True)
             self._wait_gone(name)
             self.api.create_namespaced_custom_object(body=obj, **self._ref())
@@ -378,8 +433,9 @@ class TrainJobBackend:
     def status(self, name: str) -> tuple[str, str]:
         return phase_of(self.get(name))
 
-    def wait(self, name: str, *, timeout_s: float = DEFAULT_TIMEOUT_S,
-             poll_interval_s: float = DEFAULT_POLL_S) -> tuple[str, str]:
+    def wait(
+        self, name: str, *, timeout_s: float = DEFAULT_TIMEOUT_S, poll_interval_s: float = DEFAULT_POLL_S
+    ) -> tuple[str, str]:
         """Poll until the job is terminal; ``("Timeout", ...)`` when ``timeout_s`` passes first."""
         deadline = self._clock() + timeout_s
         last = None
@@ -433,8 +489,9 @@ class TrainJobBackend:
         """The launcher pod's log (mpirun forwards every rank's output there)."""
         if self.core is None:
             raise TrainJobFailed("no CoreV1Api given: cannot read the launcher log")
-        pods = self.core.list_namespaced_pod(self.namespace,
-                                             label_selector=f"{LABEL_TRAINJOB}={name},{LABEL_ROLE}={LAUNCHER}").items
+        pods = self.core.list_namespaced_pod(
+            self.namespace, label_selector=f"{LABEL_TRAINJOB}={name},{LABEL_ROLE}={LAUNCHER}"
+        ).items
         if not pods:
             raise TrainJobFailed(f"TrainJob {self.namespace}/{name} has no launcher pod to read the result from")
 
@@ -458,8 +515,9 @@ class TrainJobBackend:
                 tail = self.launcher_log(name, tail_lines=40)
             except Exception as exc:  # noqa: BLE001 - best effort: the failure itself is what matters
                 tail = f"(no launcher log: {exc})"
-            raise TrainJobFailed(f"TrainJob {self.namespace}/{name} {phase}: {message}\n"
-                                 f"last launcher log lines:\n{tail}")
+            raise TrainJobFailed(
+                f"TrainJob {self.namespace}/{name} {phase}: {message}\nlast launcher log lines:\n{tail}"
+            )
         finally:
             deleted = self.delete(name, succeeded=succeeded)
             if not deleted and phase not in TERMINAL:

@@ -50,6 +50,5 @@ def get_store(name: str | None = None) -> DatasetStore:
                 "(AIRFLOW__LLMOPS__DATASET_STORE=local)"
             ) from None
     raise DatasetStoreError(
-        f"unknown [llmops] dataset_store {name!r}; use one of {', '.join(BACKENDS)} "
-        "(AIRFLOW__LLMOPS__DATASET_STORE)"
+        f"unknown [llmops] dataset_store {name!r}; use one of {', '.join(BACKENDS)} (AIRFLOW__LLMOPS__DATASET_STORE)"
     )

@@ -67,7 +67,9 @@ def validate_branch(branch: str) -> str:
 
 def validate_tag(tag: str) -> str:
     if not _BRANCH.match(tag or "") or len(tag) > 128:
-        raise DatasetStoreError(f"invalid tag {tag!r}: use letters, digits, '_' and '-' (at most 128), e.g. 'v1-release'")
+        raise DatasetStoreError(
+            f"invalid tag {tag!r}: use letters, digits, '_' and '-' (at most 128), e.g. 'v1-release'"
+        )
     return tag
 
 

@@ -193,8 +193,9 @@ class LakeFSDatasetStore(DatasetStore):
         self._apis: dict[str, Any] = {}
 
     @classmethod
-    def from_hook(cls, lakefs_conn_id: str = "lakefs_default", *, cache_dir: str | Path | None = None,
-                  **kwargs: Any) -> LakeFSDatasetStore:
+    def from_hook(
+        cls, lakefs_conn_id: str = "lakefs_default", *, cache_dir: str | Path | None = None, **kwargs: Any
+    ) -> LakeFSDatasetStore:
         """The store on the Airflow connection ``lakefs_conn_id`` (extra ``storage_namespace`` optional)."""
         import copy
 
@@ -236,8 +237,9 @@ class LakeFSDatasetStore(DatasetStore):
             except ApiException as exc:
                 status = exc.status or None
                 retry = status in RETRY_STATUSES
-                error = LakeFSCallError(f"lakeFS {what} failed: HTTP {status} {_error_message(exc)}", status,
-                                        exc.body or "")
+                error = LakeFSCallError(
+                    f"lakeFS {what} failed: HTTP {status} {_error_message(exc)}", status, exc.body or ""
+                )
             except Exception as exc:
                 transport, safe = _is_connection_error(exc)
                 if not transport:
@@ -245,7 +247,9 @@ class LakeFSDatasetStore(DatasetStore):
                 retry = safe or idempotent
                 error = LakeFSCallError(
                     f"lakeFS {what} failed: no answer within {self.request_timeout} s (connect, read) "
-                    f"or connection error: {exc}", None)
+                    f"or connection error: {exc}",
+                    None,
+                )
             if not retry or attempt >= self.retries:
                 if attempt:
                     error.args = (f"{error.args[0]} (after {attempt + 1} attempts)",)
@@ -265,8 +269,9 @@ class LakeFSDatasetStore(DatasetStore):
             raise
 
     # -- reads ---------------------------------------------------------------------------
-    def _info(self, repo: str, commit: Any, *, branch: str = "", created: bool = False,
-              tree: str | None = None) -> CommitInfo:
+    def _info(
+        self, repo: str, commit: Any, *, branch: str = "", created: bool = False, tree: str | None = None
+    ) -> CommitInfo:
         meta = commit.metadata or {}
         if TREE_HASH in meta:
             parent = meta.get(PARENT) or None
@@ -300,7 +305,9 @@ class LakeFSDatasetStore(DatasetStore):
     def get(self, repo: str, commit_id: str) -> CommitInfo:
         commit = self._get_commit(validate_repo(repo), commit_id)
         if commit is None:
-            raise CommitNotFound(f"lakeFS repo {repo!r} has no commit {commit_id!r}; list them with store.log(repo, branch)")
+            raise CommitNotFound(
+                f"lakeFS repo {repo!r} has no commit {commit_id!r}; list them with store.log(repo, branch)"
+            )
         return self._info(repo, commit)
 
     def log(self, repo: str, branch: str) -> list[CommitInfo]:
@@ -308,8 +315,16 @@ class LakeFSDatasetStore(DatasetStore):
         out: list[CommitInfo] = []
         after: str | None = None
         while True:
-            page = self._maybe(f"log of {repo}@{branch}", "RefsApi", "log_commits", repo, branch,
-                               after=after, amount=PAGE, first_parent=True)
+            page = self._maybe(
+                f"log of {repo}@{branch}",
+                "RefsApi",
+                "log_commits",
+                repo,
+                branch,
+                after=after,
+                amount=PAGE,
+                first_parent=True,
+            )
             if page is None:
                 return []
             for commit in page.results:
@@ -322,8 +337,16 @@ class LakeFSDatasetStore(DatasetStore):
     def _objects(self, repo: str, ref: str) -> Iterator[Any]:
         after = None
         while True:
-            page = self._call(f"list {repo}@{ref}/{self.prefix}", "ObjectsApi", "list_objects", repo, ref,
-                              prefix=self.prefix, after=after, amount=PAGE)
+            page = self._call(
+                f"list {repo}@{ref}/{self.prefix}",
+                "ObjectsApi",
+                "list_objects",
+                repo,
+                ref,
+                prefix=self.prefix,
+                after=after,
+                amount=PAGE,
+            )
             yield from (o for o in page.results if o.path_type == "object")
             if not page.pagination.has_more:
                 return
@@ -339,17 +362,24 @@ class LakeFSDatasetStore(DatasetStore):
         tmp = final.parent / f".tmp-{uuid.uuid4().hex}"
         try:
             for obj in self._objects(repo, info.commit_id):
-                rel = obj.path[len(self.prefix):]
+                rel = obj.path[len(self.prefix) :]
                 dest = tmp / rel
                 dest.parent.mkdir(parents=True, exist_ok=True)
-                data = self._call(f"download {repo}@{info.commit_id[:12]}/{obj.path}", "ObjectsApi", "get_object",
-                                  repo, info.commit_id, obj.path)
+                data = self._call(
+                    f"download {repo}@{info.commit_id[:12]}/{obj.path}",
+                    "ObjectsApi",
+                    "get_object",
+                    repo,
+                    info.commit_id,
+                    obj.path,
+                )
                 dest.write_bytes(bytes(data))
             if not tmp.is_dir():
                 raise DatasetStoreError(f"commit {info.commit_id} of {repo!r} has no files under {self.prefix!r}")
             if info.tree_hash and tree_hash(tmp) != info.tree_hash:
                 raise DatasetStoreError(
-                    f"download of {repo}@{info.commit_id} does not match its tree hash {info.tree_hash}; retry the task")
+                    f"download of {repo}@{info.commit_id} does not match its tree hash {info.tree_hash}; retry the task"
+                )
             for path in tmp.rglob("*"):
                 if path.is_file():
                     path.chmod(0o444)
@@ -367,10 +397,21 @@ class LakeFSDatasetStore(DatasetStore):
         """Dataset files that differ between two refs: ``[{type, path, size_bytes}]`` (paths without prefix)."""
         out, after = [], None
         while True:
-            page = self._call(f"diff {repo} {left_ref}..{right_ref}", "RefsApi", "diff_refs", repo, left_ref,
-                              right_ref, prefix=self.prefix, after=after, amount=PAGE, type="two_dot")
-            out += [{"type": d.type, "path": d.path[len(self.prefix):], "size_bytes": d.size_bytes}
-                    for d in page.results]
+            page = self._call(
+                f"diff {repo} {left_ref}..{right_ref}",
+                "RefsApi",
+                "diff_refs",
+                repo,
+                left_ref,
+                right_ref,
+                prefix=self.prefix,
+                after=after,
+                amount=PAGE,
+                type="two_dot",
+            )
+            out += [
+                {"type": d.type, "path": d.path[len(self.prefix) :], "size_bytes": d.size_bytes} for d in page.results
+            ]
             if not page.pagination.has_more:
                 return out
             after = page.pagination.next_offset
@@ -381,8 +422,13 @@ class LakeFSDatasetStore(DatasetStore):
         import lakefs_sdk
 
         try:
-            ref = self._call(f"tag {repo}@{commit_id} as {tag!r}", "TagsApi", "create_tag", repo,
-                             lakefs_sdk.TagCreation(id=tag, ref=commit_id))
+            ref = self._call(
+                f"tag {repo}@{commit_id} as {tag!r}",
+                "TagsApi",
+                "create_tag",
+                repo,
+                lakefs_sdk.TagCreation(id=tag, ref=commit_id),
+            )
             return ref.commit_id
         except LakeFSCallError as exc:
             if exc.status != 409:
@@ -390,7 +436,8 @@ class LakeFSDatasetStore(DatasetStore):
         existing = self._call(f"get tag {tag!r} of {repo}", "TagsApi", "get_tag", repo, tag)
         if existing.commit_id != commit_id and not existing.commit_id.startswith(commit_id):
             raise DatasetStoreError(
-                f"tag {tag!r} of {repo!r} already points at {existing.commit_id}, not {commit_id}; pick another tag")
+                f"tag {tag!r} of {repo!r} already points at {existing.commit_id}, not {commit_id}; pick another tag"
+            )
         return existing.commit_id
 
     def _ensure_repo(self, repo: str, branch: str) -> None:
@@ -402,11 +449,16 @@ class LakeFSDatasetStore(DatasetStore):
             raise DatasetStoreError(
                 f"lakeFS repository {repo!r} (data.dataset_repo) does not exist: create it "
                 f"(lakectl repo create lakefs://{repo} <storage-namespace>) or set the connection extra "
-                "'storage_namespace' (e.g. s3://bucket/lakefs) so the store creates it")
+                "'storage_namespace' (e.g. s3://bucket/lakefs) so the store creates it"
+            )
         namespace = f"{self.storage_namespace.rstrip('/')}/{repo}"
         try:
-            self._call(f"create repository {repo!r}", "RepositoriesApi", "create_repository",
-                       lakefs_sdk.RepositoryCreation(name=repo, storage_namespace=namespace, default_branch=branch))
+            self._call(
+                f"create repository {repo!r}",
+                "RepositoriesApi",
+                "create_repository",
+                lakefs_sdk.RepositoryCreation(name=repo, storage_namespace=namespace, default_branch=branch),
+            )
         except LakeFSCallError as exc:
             if exc.status != 409:  # created meanwhile by a parallel task
                 raise
@@ -414,8 +466,13 @@ class LakeFSDatasetStore(DatasetStore):
     def _create_branch(self, repo: str, name: str, source: str) -> None:
         import lakefs_sdk
 
-        self._call(f"create branch {repo}@{name} from {source}", "BranchesApi", "create_branch", repo,
-                   lakefs_sdk.BranchCreation(name=name, source=source))
+        self._call(
+            f"create branch {repo}@{name} from {source}",
+            "BranchesApi",
+            "create_branch",
+            repo,
+            lakefs_sdk.BranchCreation(name=name, source=source),
+        )
 
     def _delete_branch(self, repo: str, name: str) -> None:
         try:
@@ -446,8 +503,9 @@ class LakeFSDatasetStore(DatasetStore):
             outer.update(f"{rel}\0{hashlib.sha256(data).hexdigest()}\n".encode())
             key = self.prefix + rel
             # lakefs-sdk 1.88 takes a file *path* for multipart content (bytes would be opened as a path)
-            stats = self._call(f"upload {repo}@{wap}/{key}", "ObjectsApi", "upload_object", repo, wap, key,
-                               content=str(path))
+            stats = self._call(
+                f"upload {repo}@{wap}/{key}", "ObjectsApi", "upload_object", repo, wap, key, content=str(path)
+            )
             if stats.size_bytes is not None and stats.size_bytes != len(data):
                 raise DatasetStoreError(f"{path} changed while it was being committed; rerun the commit task")
             sent.add(key)
@@ -455,11 +513,18 @@ class LakeFSDatasetStore(DatasetStore):
             raise DatasetStoreError(f"{source} changed while it was being committed; rerun the commit task")
         stale = sorted(o.path for o in self._objects(repo, wap) if o.path not in sent)
         for i in range(0, len(stale), PAGE):
-            self._call(f"delete {len(stale)} stale objects on {repo}@{wap}", "ObjectsApi", "delete_objects", repo, wap,
-                       lakefs_sdk.PathList(paths=stale[i:i + PAGE]))
+            self._call(
+                f"delete {len(stale)} stale objects on {repo}@{wap}",
+                "ObjectsApi",
+                "delete_objects",
+                repo,
+                wap,
+                lakefs_sdk.PathList(paths=stale[i : i + PAGE]),
+            )
 
-    def _write_wap(self, repo: str, branch: str, wap: str, target: Any, source: Path, digest: str,
-                   meta: dict[str, str]):
+    def _write_wap(
+        self, repo: str, branch: str, wap: str, target: Any, source: Path, digest: str, meta: dict[str, str]
+    ):
         """The WAP commit for ``digest`` on top of ``target``: reused when a previous try made it."""
         import lakefs_sdk
 
@@ -501,24 +566,42 @@ class LakeFSDatasetStore(DatasetStore):
 
         merge = lakefs_sdk.Merge(
             message=f"llmops: publish dataset {digest[:12]} to {branch}",
-            metadata={**meta, TREE_HASH: digest, BRANCH: branch, PARENT: target.id if target.parents else "",
-                      WAP_BRANCH: wap, WAP_COMMIT: staged.id},
+            metadata={
+                **meta,
+                TREE_HASH: digest,
+                BRANCH: branch,
+                PARENT: target.id if target.parents else "",
+                WAP_BRANCH: wap,
+                WAP_COMMIT: staged.id,
+            },
         )
         try:
-            result = self._call(f"merge {repo}@{wap} into {branch}", "RefsApi", "merge_into_branch", repo, staged.id,
-                                branch, merge, idempotent=False)
+            result = self._call(
+                f"merge {repo}@{wap} into {branch}",
+                "RefsApi",
+                "merge_into_branch",
+                repo,
+                staged.id,
+                branch,
+                merge,
+                idempotent=False,
+            )
         except LakeFSCallError as exc:
             if exc.status == 412:
                 raise DatasetGateFailed(
                     f"lakeFS pre-merge hook rejected dataset {digest[:12]} for {repo}@{branch}: "
                     f"{_error_message_text(exc)}. {branch} is unchanged; inspect the candidate on branch "
                     f"{wap!r} (commit {staged.id}), fix the data or the hook, then rerun the task",
-                    repo=repo, branch=branch, wap_branch=wap, commit_id=staged.id,
+                    repo=repo,
+                    branch=branch,
+                    wap_branch=wap,
+                    commit_id=staged.id,
                 ) from None
             if exc.status == 409:
                 raise DatasetStoreError(
                     f"merging {repo}@{wap} into {branch} conflicts with a version published meanwhile; "
-                    f"rerun the task to rebase on the new head (the candidate stays on {wap!r})") from None
+                    f"rerun the task to rebase on the new head (the candidate stays on {wap!r})"
+                ) from None
             raise
         merged = self._get_commit(repo, result.reference)
         if merged is None:
@@ -530,8 +613,17 @@ class LakeFSDatasetStore(DatasetStore):
         return self._info(repo, merged, branch=branch, created=True)
 
     def _diff_any(self, repo: str, left: str, right: str) -> bool:
-        page = self._call(f"diff {repo} {left[:12]}..{right[:12]}", "RefsApi", "diff_refs", repo, left, right,
-                          prefix=self.prefix, amount=1, type="two_dot")
+        page = self._call(
+            f"diff {repo} {left[:12]}..{right[:12]}",
+            "RefsApi",
+            "diff_refs",
+            repo,
+            left,
+            right,
+            prefix=self.prefix,
+            amount=1,
+            type="two_dot",
+        )
         return bool(page.results)
 
 

@@ -98,7 +98,9 @@ class LocalDatasetStore(DatasetStore):
                 return matches[0]
             if len(matches) > 1:
                 raise CommitNotFound(f"commit prefix {commit_id!r} is ambiguous in {repo!r}; give more characters")
-        raise CommitNotFound(f"dataset repo {repo!r} has no commit {commit_id!r}; list them with store.log(repo, branch)")
+        raise CommitNotFound(
+            f"dataset repo {repo!r} has no commit {commit_id!r}; list them with store.log(repo, branch)"
+        )
 
     def get(self, repo: str, commit_id: str) -> CommitInfo:
         return self._load(repo, self._resolve(repo, commit_id))

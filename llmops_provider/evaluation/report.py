@@ -86,7 +86,7 @@ def _forest(comparisons: list[dict]) -> str:
     for i, c in enumerate(comparisons):
         y = 22 + i * row_h
         span = max(abs(c["ci_low"]), abs(c["ci_high"]), abs(c["diff"]), 1e-12) * 1.15
-        x = lambda v: mid + (v / span) * (right - left) / 2  # noqa: E731
+        x = lambda v, span=span: mid + (v / span) * (right - left) / 2  # noqa: E731
         color = _COLORS.get(c["verdict"], "#333")
         better = "&larr; better" if c["direction"] == "lower" else "better &rarr;"
         out += [
@@ -118,7 +118,7 @@ def _threshold_bars(rows: list[dict]) -> str:
         lo, hi = min(tf(p) for p in points), max(tf(p) for p in points)
         pad = (hi - lo) * 0.1 or abs(hi) * 0.1 or 1.0
         lo, hi = lo - pad, hi + pad
-        x = lambda v: left + (tf(v) - lo) / (hi - lo) * (right - left)  # noqa: E731
+        x = lambda v, tf=tf, lo=lo, hi=hi: left + (tf(v) - lo) / (hi - lo) * (right - left)  # noqa: E731
         a = x(t["min"]) if t.get("min") is not None else left
         b = x(t["max"]) if t.get("max") is not None else right
         color = _COLORS.get(r["verdict"], "#333")
@@ -183,7 +183,8 @@ def render_html(body: dict[str, Any]) -> str:
         "<ul>",
         f"<li>dataset <code>{_e(body.get('dataset_repo'))}@{_e(body.get('dataset_commit'))}</code>, "
         f"{_e(body.get('n_docs'))} held-out documents</li>",
-        f"<li>compared with: {f'{_e(alias)} v{_e(base)}' if base else 'no ' + _e(alias) + ' (first model: thresholds only)'}"
+        "<li>compared with: "
+        f"{f'{_e(alias)} v{_e(base)}' if base else 'no ' + _e(alias) + ' (first model: thresholds only)'}"
         "</li>",
         f"<li>MLflow eval run <code>{_e(body.get('eval_run_id'))}</code>, training run "
         f"<code>{_e(body.get('mlflow_run_id'))}</code>; lm-eval {_e(body.get('lm_eval_version'))}</li>",

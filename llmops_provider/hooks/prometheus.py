@@ -40,7 +40,9 @@ def prom_query(base_url: str, promql: str, timeout: float = 10.0, headers: dict[
             detail = json.load(exc).get("error", exc.reason)
         except ValueError:
             detail = exc.reason
-        raise PrometheusError(f"Prometheus at {base_url} rejected query {promql!r}: HTTP {exc.code}: {detail}") from None
+        raise PrometheusError(
+            f"Prometheus at {base_url} rejected query {promql!r}: HTTP {exc.code}: {detail}"
+        ) from None
     except (urllib.error.URLError, TimeoutError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise PrometheusError(
@@ -81,8 +83,12 @@ class PrometheusHook(BaseHook):
     def get_ui_field_behaviour(cls) -> dict[str, Any]:
         return {
             "hidden_fields": ["extra"],
-            "relabeling": {"host": "Prometheus host (or full URL)", "schema": "Scheme (http/https)",
-                           "login": "Basic auth user (optional)", "password": "Basic auth password (optional)"},
+            "relabeling": {
+                "host": "Prometheus host (or full URL)",
+                "schema": "Scheme (http/https)",
+                "login": "Basic auth user (optional)",
+                "password": "Basic auth password (optional)",
+            },
             "placeholders": {"host": "127.0.0.1", "port": "9090", "schema": "http"},
         }
 
@@ -111,8 +117,11 @@ class PrometheusHook(BaseHook):
         """The first series' value; ``None`` when the query has no sample (or gives NaN)."""
         result = self.query(promql)
         if len(result) > 1:
-            self.log.warning("query %r returned %d series; using the first. Aggregate it (sum/max) to be explicit",
-                             promql, len(result))
+            self.log.warning(
+                "query %r returned %d series; using the first. Aggregate it (sum/max) to be explicit",
+                promql,
+                len(result),
+            )
         return first_value(result)
 
     def ready(self) -> bool:

@@ -24,8 +24,14 @@ class VLLMHook(BaseHook):
     conn_type = "llmops_vllm"
     hook_name = "vLLM endpoint (LLMOps)"
 
-    def __init__(self, vllm_conn_id: str = default_conn_name, base_url: str | None = None,
-                 api_key: str | None = None, timeout: float = 60.0, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        vllm_conn_id: str = default_conn_name,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        timeout: float = 60.0,
+        **kwargs: Any,
+    ) -> None:
         """``base_url`` (e.g. from a deployment record) skips the connection lookup."""
         super().__init__(**kwargs)
         self.vllm_conn_id = vllm_conn_id
@@ -86,8 +92,9 @@ class VLLMHook(BaseHook):
         data = json.loads(self._request("GET", "/v1/models"))
         return [m["id"] for m in data.get("data", [])]
 
-    def complete(self, prompt: str, max_tokens: int = 16, model: str | None = None, temperature: float = 0.0,
-                 **params: Any) -> str:
+    def complete(
+        self, prompt: str, max_tokens: int = 16, model: str | None = None, temperature: float = 0.0, **params: Any
+    ) -> str:
         """Text of one completion (``/v1/completions``); ``model`` defaults to the first served."""
         model = model or self.models()[0]
         body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": temperature, **params}

@@ -13,6 +13,7 @@ import re
 import shutil
 import sys
 from collections.abc import Sequence
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -227,8 +228,15 @@ class SparkPrepareDataOperator(BaseOperator):
         job = _read_json(staging / JOB_FILE, "the Spark job did not write its run record")
         self.log.info(
             "Prepared %s: %s input lines -> %s kept, %s excluded %s, %s quarantined %s; splits %s (app %s)",
-            recipe.name, stats["input_lines"], stats["kept"], stats.get("excluded"), stats.get("excluded_by_step"),
-            stats["quarantined"], stats["quarantined_by_reason"], stats["splits"], job.get("spark_app_id"),
+            recipe.name,
+            stats["input_lines"],
+            stats["kept"],
+            stats.get("excluded"),
+            stats.get("excluded_by_step"),
+            stats["quarantined"],
+            stats["quarantined_by_reason"],
+            stats["splits"],
+            job.get("spark_app_id"),
         )
         card = staging / DATA_CARD_MD
         if card.is_file():
@@ -293,8 +301,17 @@ def _result_row(scope: str, res) -> dict[str, Any]:
 
 
 def _check_row(scope: str, name: str, success: bool, observed: Any) -> dict[str, Any]:
-    return {"scope": scope, "expectation": name, "column": None, "kwargs": {}, "success": success,
-            "observed": observed, "unexpected_count": None, "examples": [], "error": None}
+    return {
+        "scope": scope,
+        "expectation": name,
+        "column": None,
+        "kwargs": {},
+        "success": success,
+        "observed": observed,
+        "unexpected_count": None,
+        "examples": [],
+        "error": None,
+    }
 
 
 def validate_dataset_dir(staging: Path, data: DataSpec) -> dict[str, Any]:
@@ -336,19 +353,29 @@ def validate_dataset_dir(staging: Path, data: DataSpec) -> dict[str, Any]:
             results.append(_check_row(split, "lines_parse_as_json_objects", bad == 0, f"{bad} unparseable lines"))
         frame = pd.DataFrame(rows) if rows else pd.DataFrame(columns=["id", "text"])
         min_rows = data.min_documents if split == "train" else 1
-        run(split, frame, [
-            E.ExpectColumnToExist(column="id"),
-            E.ExpectColumnToExist(column="text"),
-            E.ExpectColumnValuesToNotBeNull(column="id"),
-            E.ExpectColumnValuesToNotBeNull(column="text"),
-            E.ExpectColumnValueLengthsToBeBetween(column="text", min_value=data.min_chars, max_value=data.max_chars),
-            E.ExpectTableRowCountToBeBetween(min_value=min_rows),
-        ])
+        run(
+            split,
+            frame,
+            [
+                E.ExpectColumnToExist(column="id"),
+                E.ExpectColumnToExist(column="text"),
+                E.ExpectColumnValuesToNotBeNull(column="id"),
+                E.ExpectColumnValuesToNotBeNull(column="text"),
+                E.ExpectColumnValueLengthsToBeBetween(
+                    column="text", min_value=data.min_chars, max_value=data.max_chars
+                ),
+                E.ExpectTableRowCountToBeBetween(min_value=min_rows),
+            ],
+        )
         if "id" in frame.columns:
             frames.append(frame[["id"]].assign(split=split))
 
     all_ids = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["id", "split"])
-    run("all_splits", all_ids.astype({"id": str}) if len(all_ids) else all_ids, [E.ExpectColumnValuesToBeUnique(column="id")])
+    run(
+        "all_splits",
+        all_ids.astype({"id": str}) if len(all_ids) else all_ids,
+        [E.ExpectColumnValuesToBeUnique(column="id")],
+    )
     results.extend(_proportion_checks(all_ids, data))
 
     excluded_path = staging / "excluded.jsonl"
@@ -389,7 +416,7 @@ def _accounting_check(stats: dict[str, Any]) -> dict[str, Any]:
     """input = blank + quarantined + excluded + kept, and every step's in - out = its drops."""
     steps = stats.get("steps") or []
     total = sum(stats.get(k, 0) or 0 for k in ("blank_lines", "quarantined", "excluded", "kept"))
-    chain = all(a["out"] == b["in"] for a, b in zip(steps, steps[1:]))
+    chain = all(a["out"] == b["in"] for a, b in pairwise(steps))
     per_step = all(s["in"] - s["out"] == sum(s["dropped"].values()) for s in steps)
     ok = total == stats.get("input_lines") and chain and per_step and (not steps or steps[-1]["out"] == stats["kept"])
     return _check_row("stats", "records_accounted_for", ok, f"{stats.get('input_lines')} input lines, {total} outcomes")
@@ -478,7 +505,11 @@ class ValidateDatasetOperator(BaseOperator):
 
         self.log.info(
             "Data validation of %s: %s (%d expectations, %d failed); report %s",
-            staging, "PASSED" if report["success"] else "FAILED", report["evaluated"], len(report["failed"]), report_path,
+            staging,
+            "PASSED" if report["success"] else "FAILED",
+            report["evaluated"],
+            len(report["failed"]),
+            report_path,
         )
         for r in report["results"]:
             if not r["success"]:
@@ -560,7 +591,9 @@ class CommitDatasetOperator(BaseOperator):
             "spark_app_id": job.get("spark_app_id"),
             "source_fingerprint": source.get("source_fingerprint"),
             "stats": stats,
-            "validation": None if validation is None else {"success": validation["success"], "failed": validation["failed"]},
+            "validation": None
+            if validation is None
+            else {"success": validation["success"], "failed": validation["failed"]},
         }
         from llmops_provider.datasets.base import DatasetStoreError
 
@@ -574,11 +607,16 @@ class CommitDatasetOperator(BaseOperator):
         if source.get("source_fingerprint"):
             self._record_processed_sources(recipe.name, source["source_fingerprint"])
         if info.created:
-            self.log.info("Committed %s@%s: %s (parent %s)", data.dataset_repo, data.branch, info.commit_id, info.parent)
+            self.log.info(
+                "Committed %s@%s: %s (parent %s)", data.dataset_repo, data.branch, info.commit_id, info.parent
+            )
         else:
             self.log.info(
                 "Data unchanged: %s@%s stays at %s (committed by run %s)",
-                data.dataset_repo, data.branch, info.commit_id, info.metadata.get(lineage.AIRFLOW_RUN_ID),
+                data.dataset_repo,
+                data.branch,
+                info.commit_id,
+                info.metadata.get(lineage.AIRFLOW_RUN_ID),
             )
 
         extra = {

@@ -180,7 +180,10 @@ class VLLMDeployOperator(LocalJobMixin, BaseOperator):
         return self._mlflow(recipe).tracking_uri()
 
     def _prompt(self, recipe, hook) -> dict | None:
-        """``deployment.prompt`` resolved to ``{name, version, template}`` (a changed template file registers a version)."""
+        """``deployment.prompt`` resolved to ``{name, version, template}``.
+
+        A changed template file registers a new prompt version.
+        """
         spec = recipe.deployment.prompt
         if spec is None:
             return None
@@ -226,7 +229,8 @@ class VLLMDeployOperator(LocalJobMixin, BaseOperator):
         if tags.get(lineage.EVAL_VERDICT) != PASSED:
             raise AirflowFailException(
                 f"refusing to deploy {recipe.model_name} v{version}: tag {lineage.EVAL_VERDICT}="
-                f"{tags.get(lineage.EVAL_VERDICT)!r}, not {PASSED!r}; only versions that passed the eval gate are served"
+                f"{tags.get(lineage.EVAL_VERDICT)!r}, not {PASSED!r}; only versions that passed the eval gate are "
+                "served"
             )
         run_id = mv.run_id or tags.get(lineage.MLFLOW_RUN_ID)
         prompt = self._prompt(recipe, hook)
@@ -370,7 +374,7 @@ class VLLMDeployOperator(LocalJobMixin, BaseOperator):
         weights = {stable["id"]: 100 - ab.split, candidate["id"]: ab.split}
         backend.route(weights, self._replicas(state))
         state["step"], state["weights"] = 0, weights
-        state["step_started_at"] = dt.datetime.now(dt.timezone.utc).isoformat()
+        state["step_started_at"] = dt.datetime.now(dt.UTC).isoformat()
         self.log.info("A/B: %s for %s, then user feedback decides", weights, ab.duration)
         self.defer(
             trigger=RolloutWindowTrigger({}, wait_s=seconds(ab.duration)),

@@ -31,6 +31,7 @@ class EvalGateFailed(AirflowFailException):
 
 # --- asset-event helpers (shared with the deployment operator) --------------------------------
 
+
 def version_from_param_or_event(value: Any, context: Mapping[str, Any], uri: str) -> tuple[str, str] | None:
     """(version, how): the operator's ``model_version`` parameter, else the triggering event of ``uri``.
 
@@ -49,7 +50,9 @@ def version_from(value: Any, field: str) -> str | None:
         return None
     text = str(value).strip()
     if not text.isdigit():
-        raise AirflowFailException(f"{field}={value!r} is not a model version number; pass e.g. model_version='3' or leave it empty")
+        raise AirflowFailException(
+            f"{field}={value!r} is not a model version number; pass e.g. model_version='3' or leave it empty"
+        )
     return text
 
 
@@ -71,8 +74,10 @@ def resolve_baseline(client, model_name: str, alias: str, candidate_version: str
     tags = dict(mv.tags or {})
     run_id = mv.run_id or tags.get(lineage.MLFLOW_RUN_ID)
     if not run_id:
-        raise AirflowFailException(f"{alias} {model_name} v{version} has no training run id; cannot load it to "
-                                   "compare. Re-register it through the train DAG or set evaluation.regression.enabled: false")
+        raise AirflowFailException(
+            f"{alias} {model_name} v{version} has no training run id; cannot load it to "
+            "compare. Re-register it through the train DAG or set evaluation.regression.enabled: false"
+        )
     ref = {"model_version": version, "mlflow_run_id": run_id, "alias": alias}
     if tags.get("artifact_path"):
         ref["artifact_path"] = tags["artifact_path"]
@@ -142,8 +147,15 @@ class LMEvalGateOperator(LocalJobMixin, BaseOperator):
     template_fields = ("recipe_path", "model_version")
     ui_color = "#f3e6ff"
 
-    def __init__(self, *, recipe_path: str, model_version: str | int | None = None,
-                 mlflow_conn_id: str | None = None, promote: bool = True, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        recipe_path: str,
+        model_version: str | int | None = None,
+        mlflow_conn_id: str | None = None,
+        promote: bool = True,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self.recipe_path = recipe_path
         self.model_version = model_version
@@ -195,8 +207,10 @@ class LMEvalGateOperator(LocalJobMixin, BaseOperator):
             self.run_local_job(cmd, env, "evaluation job crashed; the model is NOT approved.", secrets=secrets)
         except AirflowException:
             if timed_out.is_set():
-                raise AirflowException(f"evaluation job killed after {timeout_s:.0f} s (evaluation.timeout_minutes); "
-                                       "the model is NOT approved") from None
+                raise AirflowException(
+                    f"evaluation job killed after {timeout_s:.0f} s (evaluation.timeout_minutes); "
+                    "the model is NOT approved"
+                ) from None
             raise
         finally:
             if timer:
@@ -228,9 +242,16 @@ class LMEvalGateOperator(LocalJobMixin, BaseOperator):
         baseline = None
         if ev.regression.enabled:
             baseline = resolve_baseline(client, recipe.model_name, ev.regression.baseline_alias, version, self.log)
-        self.log.info("evaluating %s v%s (chosen by %s), run %s, dataset %s@%s, baseline %s",
-                      recipe.model_name, version, how, run_id, recipe.data.dataset_repo, commit,
-                      f"{ev.regression.baseline_alias} v{baseline['model_version']}" if baseline else "none")
+        self.log.info(
+            "evaluating %s v%s (chosen by %s), run %s, dataset %s@%s, baseline %s",
+            recipe.model_name,
+            version,
+            how,
+            run_id,
+            recipe.data.dataset_repo,
+            commit,
+            f"{ev.regression.baseline_alias} v{baseline['model_version']}" if baseline else "none",
+        )
 
         stamp = time.strftime("%Y%m%dT%H%M%S")
         out_dir = config.home() / "evaluations" / recipe.name / f"v{version}" / stamp
@@ -239,27 +260,45 @@ class LMEvalGateOperator(LocalJobMixin, BaseOperator):
         if "ti" in context:
             extra_tags = {k: str(v) for k, v in lineage.airflow_ids(context).items()}
         spec = EvalJobSpec(
-            recipe=recipe.name, model_name=recipe.model_name, model_version=version, mlflow_run_id=run_id,
-            dataset_repo=recipe.data.dataset_repo, dataset_commit=commit,
-            dataset_dir=str(self.dataset_dir(recipe, commit)), thresholds=dict(ev.thresholds),
+            recipe=recipe.name,
+            model_name=recipe.model_name,
+            model_version=version,
+            mlflow_run_id=run_id,
+            dataset_repo=recipe.data.dataset_repo,
+            dataset_commit=commit,
+            dataset_dir=str(self.dataset_dir(recipe, commit)),
+            thresholds=dict(ev.thresholds),
             **({"artifact_path": tags["artifact_path"]} if tags.get("artifact_path") else {}),
-            limit=ev.limit, output_dir=str(out_dir), extra_tags=extra_tags,
-            tasks=list(ev.tasks), extra_tasks=list(ev.extra_tasks), task_dirs=list(ev.task_dirs),
-            max_gen_tokens=ev.max_gen_tokens, baseline=baseline, regression=ev.regression, safety=ev.safety,
+            limit=ev.limit,
+            output_dir=str(out_dir),
+            extra_tags=extra_tags,
+            tasks=list(ev.tasks),
+            extra_tasks=list(ev.extra_tasks),
+            task_dirs=list(ev.task_dirs),
+            max_gen_tokens=ev.max_gen_tokens,
+            baseline=baseline,
+            regression=ev.regression,
+            safety=ev.safety,
             resources=ev.resources,
         )
         spec_path = out_dir / "spec.json"
         spec_path.write_text(spec.model_dump_json(indent=2))
         env = hook.job_env()
-        self.run_job(spec_path, env, [v for k, v in env.items() if k == "MLFLOW_TRACKING_PASSWORD"],
-                     timeout_s=ev.timeout_minutes * 60)
+        self.run_job(
+            spec_path,
+            env,
+            [v for k, v in env.items() if k == "MLFLOW_TRACKING_PASSWORD"],
+            timeout_s=ev.timeout_minutes * 60,
+        )
 
         result_path = out_dir / "result.json"
         if not result_path.is_file():
             raise AirflowException(f"evaluation job exited without {result_path}; the model is NOT approved")
         result = EvalResult.model_validate_json(result_path.read_text())
         if (result.model_name, result.model_version) != (recipe.model_name, version):
-            raise AirflowException(f"{result_path} is for {result.model_name} v{result.model_version}, expected v{version}")
+            raise AirflowException(
+                f"{result_path} is for {result.model_name} v{result.model_version}, expected v{version}"
+            )
         if result.markdown_path and Path(result.markdown_path).is_file():
             self.log.info("evaluation report:\n%s", Path(result.markdown_path).read_text())
         payload = json.loads(result.model_dump_json())
@@ -268,10 +307,18 @@ class LMEvalGateOperator(LocalJobMixin, BaseOperator):
             experiment_id = client.get_run(result.eval_run_id).info.experiment_id
         except Exception:  # noqa: BLE001 - a link is a convenience, not part of the verdict
             pass
-        payload.update({lineage.MLFLOW_RUN_ID: run_id, "airflow_ids": extra_tags,
-                        "report_url": report_url(hook.tracking_uri(), experiment_id, result.eval_run_id)})
-        self.log.info("HTML report: %s%s", result.html_path,
-                      f" (MLflow: {payload['report_url']})" if payload["report_url"] else "")
+        payload.update(
+            {
+                lineage.MLFLOW_RUN_ID: run_id,
+                "airflow_ids": extra_tags,
+                "report_url": report_url(hook.tracking_uri(), experiment_id, result.eval_run_id),
+            }
+        )
+        self.log.info(
+            "HTML report: %s%s",
+            result.html_path,
+            f" (MLflow: {payload['report_url']})" if payload["report_url"] else "",
+        )
 
         if result.verdict != VERDICT_PASSED:
             if "ti" in context:
@@ -280,8 +327,11 @@ class LMEvalGateOperator(LocalJobMixin, BaseOperator):
             regressed = [c.metric for c in result.comparisons if c.regressed]
             raise EvalGateFailed(
                 f"eval gate FAILED for {recipe.model_name} v{version}: {reasons}. "
-                + (f"Regressed vs {ev.regression.baseline_alias} v{result.baseline_version}: {', '.join(regressed)}. "
-                   if regressed else "")
+                + (
+                    f"Regressed vs {ev.regression.baseline_alias} v{result.baseline_version}: {', '.join(regressed)}. "
+                    if regressed
+                    else ""
+                )
                 + f"Report: {result.report_path} (HTML {result.html_path}; MLflow run {result.eval_run_id})"
             )
 
@@ -303,8 +353,9 @@ class PromoteApprovedModelOperator(BaseOperator):
     template_fields = ("recipe_path",)
     ui_color = "#e6ffe6"
 
-    def __init__(self, *, recipe_path: str, eval_task_id: str = "evaluate", mlflow_conn_id: str | None = None,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self, *, recipe_path: str, eval_task_id: str = "evaluate", mlflow_conn_id: str | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         self.recipe_path = recipe_path
         self.eval_task_id = eval_task_id
@@ -324,9 +375,13 @@ class PromoteApprovedModelOperator(BaseOperator):
 
 def approval_body(payload: Mapping[str, Any]) -> str:
     """Markdown shown in the Airflow approval form: the verdict, every judged metric, the report links."""
-    lines = [f"**{payload.get('model_name')} v{payload.get('model_version')}** passed the automatic gate "
-             f"(baseline: {('v' + str(payload['baseline_version'])) if payload.get('baseline_version') else 'none'}).",
-             "", "| metric | value | vs baseline |", "|---|---|---|"]
+    lines = [
+        f"**{payload.get('model_name')} v{payload.get('model_version')}** passed the automatic gate "
+        f"(baseline: {('v' + str(payload['baseline_version'])) if payload.get('baseline_version') else 'none'}).",
+        "",
+        "| metric | value | vs baseline |",
+        "|---|---|---|",
+    ]
     comparisons = {c["metric"]: c for c in payload.get("comparisons", [])}
     for name in sorted(set(payload.get("thresholds", {})) | set(comparisons)):
         value = payload.get("metrics", {}).get(name)

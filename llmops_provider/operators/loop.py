@@ -174,7 +174,8 @@ class RollbackOperator(VLLMDeployOperator):
         tags = dict(mv.tags or {})
         if tags.get(lineage.EVAL_VERDICT) != PASSED:
             raise AirflowFailException(
-                f"refusing to roll back to {name} v{target}: tag {lineage.EVAL_VERDICT}={tags.get(lineage.EVAL_VERDICT)!r}"
+                f"refusing to roll back to {name} v{target}: tag "
+                f"{lineage.EVAL_VERDICT}={tags.get(lineage.EVAL_VERDICT)!r}"
                 f", not {PASSED!r}; {CHAMPION_ALIAS} stays v{champion}. Pass to_version= a version that passed the gate"
             )
         self.log.warning("rolling %s back: v%s -> v%s; %s", name, champion, target, "; ".join(reasons))

@@ -2,9 +2,10 @@
 
 Its XCom ``{status, slos, new_data, retrain, reasons, actions, ...}`` decides whether
 ``request_retrain`` emits the retrain asset, ``request_rollback`` the rollback asset and
-``request_reevaluate`` the reevaluate asset (each behind its own incident gate). No traffic is ``no-data``, never a breach; an unreachable
-Prometheus publishes the result (status ``unreachable``) and then fails the task, so a
-monitoring outage is visible rather than silently green.
+``request_reevaluate`` the reevaluate asset (each behind its own incident gate). No traffic is
+``no-data``, never a breach; an unreachable Prometheus publishes the result (status
+``unreachable``) and then fails the task, so a monitoring outage is visible rather than silently
+green.
 """
 
 from __future__ import annotations
@@ -34,9 +35,15 @@ class MonitorOperator(BaseOperator):
 
     template_fields: Sequence[str] = ("recipe_path", "served_model_name")
 
-    def __init__(self, *, recipe_path: str, served_model_name: str | None = None,
-                 retrain_on_slo_breach: bool | None = None, probe_task_id: str | None = None,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        recipe_path: str,
+        served_model_name: str | None = None,
+        retrain_on_slo_breach: bool | None = None,
+        probe_task_id: str | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self.recipe_path = recipe_path
         self.served_model_name = served_model_name
@@ -69,9 +76,12 @@ class MonitorOperator(BaseOperator):
         reasons = list(result["reasons"])
         watch_events = self._watch_events(context, recipe.name)
         for event in watch_events:
-            reasons.insert(0, f"watcher {event.get('watcher')} fired at {event.get('fired_at')}: {event.get('query')} = "
-                              f"{event.get('value')} {event.get('op')} {event.get('threshold')} for "
-                              f"{event.get('held_for_s', 0):.0f}s")
+            reasons.insert(
+                0,
+                f"watcher {event.get('watcher')} fired at {event.get('fired_at')}: {event.get('query')} = "
+                f"{event.get('value')} {event.get('op')} {event.get('threshold')} for "
+                f"{event.get('held_for_s', 0):.0f}s",
+            )
 
         sources = [expand(s.path, config.home()) for s in recipe.data.sources]
         # curated feedback lands in the first source before the fingerprint: it is this check's new data
@@ -117,23 +127,48 @@ class MonitorOperator(BaseOperator):
         probe_result = self._probe_result(context)
         changed = self._eval_inputs_changed(recipe, record, head_info)
         actions = feedback.next_steps(
-            slo_status=result["status"], slo_reasons=list(result["reasons"]), probe=probe_result, record=record,
-            eval_inputs_changed=changed, now=time.time(), loop=spec.loop,
+            slo_status=result["status"],
+            slo_reasons=list(result["reasons"]),
+            probe=probe_result,
+            record=record,
+            eval_inputs_changed=changed,
+            now=time.time(),
+            loop=spec.loop,
         )
         for name, action in actions.items():
             reasons += [r for r in action["reasons"] if r not in reasons]
             if action["incidents"]:
                 self.log.info("%s requested: %s", name, "; ".join(action["reasons"]))
         actions["retrain"] = {"incidents": incidents, "cooldown_s": spec.loop.cooldown_s, "reasons": [], "evidence": {}}
-        out = {"status": result["status"], "slos": result["slos"], "new_data": is_new, "retrain": retrain,
-               "reasons": reasons, "model_name": model, "source_fingerprint": fingerprint, "incidents": incidents,
-               "cooldown_s": spec.loop.cooldown_s, "feedback": fb, "drift": drift, "watch_events": watch_events,
-               "rollback": bool(actions["rollback"]["incidents"]),
-               "reevaluate": bool(actions["reevaluate"]["incidents"]), "actions": actions, "probe": probe_result,
-               "champion": (record or {}).get("model_version") if record else None}
-        self.log.info("monitor %s: status=%s new_data=%s retrain=%s rollback=%s reevaluate=%s; %s", recipe.name,
-                      out["status"], is_new, retrain, out["rollback"], out["reevaluate"],
-                      "; ".join(reasons) or "all good")
+        out = {
+            "status": result["status"],
+            "slos": result["slos"],
+            "new_data": is_new,
+            "retrain": retrain,
+            "reasons": reasons,
+            "model_name": model,
+            "source_fingerprint": fingerprint,
+            "incidents": incidents,
+            "cooldown_s": spec.loop.cooldown_s,
+            "feedback": fb,
+            "drift": drift,
+            "watch_events": watch_events,
+            "rollback": bool(actions["rollback"]["incidents"]),
+            "reevaluate": bool(actions["reevaluate"]["incidents"]),
+            "actions": actions,
+            "probe": probe_result,
+            "champion": (record or {}).get("model_version") if record else None,
+        }
+        self.log.info(
+            "monitor %s: status=%s new_data=%s retrain=%s rollback=%s reevaluate=%s; %s",
+            recipe.name,
+            out["status"],
+            is_new,
+            retrain,
+            out["rollback"],
+            out["reevaluate"],
+            "; ".join(reasons) or "all good",
+        )
         if unreachable:
             context["ti"].xcom_push(key="return_value", value=out)
             raise AirflowException(f"monitoring unavailable: {unreachable}")
@@ -160,8 +195,9 @@ class MonitorOperator(BaseOperator):
             return None
         found = ti.xcom_pull(task_ids=self.probe_task_id)
         if found:
-            self.log.info("probe: %s (ROUGE-L %s, limit %s)", found.get("status"), found.get("rouge_l"),
-                          found.get("limit"))
+            self.log.info(
+                "probe: %s (ROUGE-L %s, limit %s)", found.get("status"), found.get("rouge_l"), found.get("limit")
+            )
         return found or None
 
     def _eval_inputs_changed(self, recipe, record: dict[str, Any] | None, head_info) -> list[str]:
@@ -194,8 +230,9 @@ class MonitorOperator(BaseOperator):
             old = held_out_digest(store.local_path(recipe.data.dataset_repo, evaluated_on))
             new = held_out_digest(store.local_path(recipe.data.dataset_repo, head_info.commit_id))
             if old != new:
-                changed.append(f"held-out split of dataset head {head_info.commit_id[:12]} "
-                               f"(evaluated on {evaluated_on[:12]})")
+                changed.append(
+                    f"held-out split of dataset head {head_info.commit_id[:12]} (evaluated on {evaluated_on[:12]})"
+                )
         safety = recipe.evaluation.safety
         if safety.enabled:
             from llmops_provider.evaluation.safety import load_prompt_set
@@ -203,10 +240,11 @@ class MonitorOperator(BaseOperator):
             current = load_prompt_set(safety.prompt_set)
             was = (params.get("safety_prompt_set"), params.get("safety_prompt_set_version"))
             if was != (current.name, current.version):
-                changed.append(f"safety prompt set {current.name} {current.version} "
-                               f"(evaluated with {was[0] or 'none'} {was[1] or ''})".rstrip())
-        self.log.info("eval inputs of champion v%s: %s", record.get("model_version"),
-                      "; ".join(changed) or "unchanged")
+                changed.append(
+                    f"safety prompt set {current.name} {current.version} "
+                    f"(evaluated with {was[0] or 'none'} {was[1] or ''})".rstrip()
+                )
+        self.log.info("eval inputs of champion v%s: %s", record.get("model_version"), "; ".join(changed) or "unchanged")
         return changed
 
     def _processed_fingerprint(self, recipe_name: str) -> str | None:
@@ -246,25 +284,44 @@ class MonitorOperator(BaseOperator):
         reasons: list[str] = []
         if quarantined:
             self.log.warning("feedback: %d malformed record(s) quarantined, e.g. %s", len(quarantined), quarantined[0])
-        since = dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=spec.window_hours)
+        since = dt.datetime.now(dt.UTC) - dt.timedelta(hours=spec.window_hours)
         rate, rated = feedback.negative_rate(records, since)
         status = "no-data"
         if rated >= spec.min_rated and rate is not None and spec.max_negative_rate is not None:
             status = "breach" if rate > spec.max_negative_rate else "ok"
             if status == "breach":
-                reasons.append(f"negative feedback {rate:.0%} > {spec.max_negative_rate:.0%} of {rated} "
-                               f"records in {spec.window_hours:g}h")
+                reasons.append(
+                    f"negative feedback {rate:.0%} > {spec.max_negative_rate:.0%} of {rated} "
+                    f"records in {spec.window_hours:g}h"
+                )
         landing_dir = Path(landing) if not Path(landing).is_file() else Path(landing).parent
         landed = feedback.land(path, landing_dir, spec.min_curated_records)
         if landed["landed"]:
             reasons.append(f"{landed['landed']} curated feedback records landed as {Path(landed['file']).name}")
-        self.log.info("feedback: %d records (%d quarantined), negative rate %s over %d rated; curated landed %d, "
-                      "pending %d (threshold %d)", len(records), len(quarantined), rate, rated, landed["landed"],
-                      landed["pending"], spec.min_curated_records)
-        newest = sorted(records, key=lambda r: str(r.get("ts")))[-recipe.monitoring.drift.max_prompts:]
-        return {"status": status, "records": len(records), "quarantined": len(quarantined), "negative_rate": rate,
-                "rated": rated, "landed": landed["landed"], "pending_curated": landed["pending"],
-                "landed_file": landed["file"], "reasons": reasons, "prompts": [r["prompt"] for r in newest]}
+        self.log.info(
+            "feedback: %d records (%d quarantined), negative rate %s over %d rated; curated landed %d, "
+            "pending %d (threshold %d)",
+            len(records),
+            len(quarantined),
+            rate,
+            rated,
+            landed["landed"],
+            landed["pending"],
+            spec.min_curated_records,
+        )
+        newest = sorted(records, key=lambda r: str(r.get("ts")))[-recipe.monitoring.drift.max_prompts :]
+        return {
+            "status": status,
+            "records": len(records),
+            "quarantined": len(quarantined),
+            "negative_rate": rate,
+            "rated": rated,
+            "landed": landed["landed"],
+            "pending_curated": landed["pending"],
+            "landed_file": landed["file"],
+            "reasons": reasons,
+            "prompts": [r["prompt"] for r in newest],
+        }
 
     def _drift(self, recipe, prompts: list[str], head_info) -> dict[str, Any]:
         """Production prompts against the training split of the dataset head."""
@@ -307,14 +364,16 @@ class ProbeEvalOperator(BaseOperator):
     below ``monitoring.probe.min_rouge_l``, ``no-data`` when the split has no usable document.
 
     :param recipe_path: path of the recipe YAML (templated)
-    :param endpoint: base URL of the server to probe; default the connection ``monitoring.probe.vllm_conn_id`` (templated)
+    :param endpoint: base URL of the server to probe; default the connection
+        ``monitoring.probe.vllm_conn_id`` (templated)
     :param served_model_name: model to ask for; default the recipe name (templated)
     """
 
     template_fields: Sequence[str] = ("recipe_path", "endpoint", "served_model_name")
 
-    def __init__(self, *, recipe_path: str, endpoint: str | None = None, served_model_name: str | None = None,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self, *, recipe_path: str, endpoint: str | None = None, served_model_name: str | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         self.recipe_path = recipe_path
         self.endpoint = endpoint
@@ -343,11 +402,16 @@ class ProbeEvalOperator(BaseOperator):
                 if texts:
                     break
         items = probe.probe_items(texts, spec.prompt_words, spec.reference_words, spec.limit)
-        out: dict[str, Any] = {"model_name": model, "limit": spec.min_rouge_l,
-                               "dataset_commit": head.commit_id if head else None}
+        out: dict[str, Any] = {
+            "model_name": model,
+            "limit": spec.min_rouge_l,
+            "dataset_commit": head.commit_id if head else None,
+        }
         if not items:
-            self.log.warning("probe: no held-out document with %d+ words in the dataset head: nothing to probe",
-                             spec.prompt_words + spec.reference_words)
+            self.log.warning(
+                "probe: no held-out document with %d+ words in the dataset head: nothing to probe",
+                spec.prompt_words + spec.reference_words,
+            )
             return {**out, "status": "no-data", "n": 0, "rouge_l": None, "prefix_match": None, "items": []}
         hook = VLLMHook(spec.vllm_conn_id, base_url=self.endpoint)
         completions = [hook.complete(item["prompt"], max_tokens=spec.max_tokens, model=model) for item in items]
@@ -355,11 +419,22 @@ class ProbeEvalOperator(BaseOperator):
         status = "ok"
         if spec.min_rouge_l is not None and scored["rouge_l"] < spec.min_rouge_l:
             status = "breach"
-        self.log.info("probe %s: %d prompts, ROUGE-L %.3f, prefix match %.3f (%s)", model, scored["n"],
-                      scored["rouge_l"], scored["prefix_match"], status)
+        self.log.info(
+            "probe %s: %d prompts, ROUGE-L %.3f, prefix match %.3f (%s)",
+            model,
+            scored["n"],
+            scored["rouge_l"],
+            scored["prefix_match"],
+            status,
+        )
         for row in scored["items"][:5]:
-            self.log.info("  %r -> %r (reference %r, ROUGE-L %.2f)", row["prompt"], row["completion"],
-                          row["reference"], row["rouge_l"])
+            self.log.info(
+                "  %r -> %r (reference %r, ROUGE-L %.2f)",
+                row["prompt"],
+                row["completion"],
+                row["reference"],
+                row["rouge_l"],
+            )
         return {**out, **scored, "status": status, "items": scored["items"][:5]}
 
 
@@ -392,7 +467,7 @@ class CostReportOperator(BaseOperator):
         from llmops_provider.recipes import expand, load_recipe
 
         recipe = load_recipe(self.recipe_path)
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         start = now.replace(hour=0, minute=0, second=0, microsecond=0)
         jobs = cost.job_costs(self._mlflow_runs(recipe, start), recipe)
         minutes, tokens = self._serving(recipe, max(60, int((now - start).total_seconds())))
@@ -405,9 +480,17 @@ class CostReportOperator(BaseOperator):
         tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
         os.replace(tmp, target)
         total = record["total"]
-        self.log.info("cost %s %s: $%.4f (%.3f GPU-h, %.3f CPU-h), %d tokens served, %s tokens/$ -> %s", recipe.name,
-                      record["day"], total.get("usd", 0.0), total.get("gpu_hours", 0.0), total.get("cpu_hours", 0.0),
-                      record["tokens_served"], record["tokens_per_usd"], target)
+        self.log.info(
+            "cost %s %s: $%.4f (%.3f GPU-h, %.3f CPU-h), %d tokens served, %s tokens/$ -> %s",
+            recipe.name,
+            record["day"],
+            total.get("usd", 0.0),
+            total.get("gpu_hours", 0.0),
+            total.get("cpu_hours", 0.0),
+            record["tokens_served"],
+            record["tokens_per_usd"],
+            target,
+        )
         return record
 
     def _mlflow_runs(self, recipe, since) -> list[dict[str, Any]]:
@@ -419,19 +502,25 @@ class CostReportOperator(BaseOperator):
         if not ids:
             return []
         runs = client.search_runs(
-            ids, filter_string=f"tags.{lineage.AIRFLOW_DAG_ID} LIKE '{recipe.name}_%' "
-                               f"AND attributes.start_time >= {int(since.timestamp() * 1000)}", max_results=5000)
+            ids,
+            filter_string=f"tags.{lineage.AIRFLOW_DAG_ID} LIKE '{recipe.name}_%' "
+            f"AND attributes.start_time >= {int(since.timestamp() * 1000)}",
+            max_results=5000,
+        )
         versions = {}
         for mv in client.search_model_versions(f"name='{recipe.model_name}'"):
             versions[mv.run_id] = mv.version
-        return [{
-            "run_id": r.info.run_id,
-            "dag_id": r.data.tags.get(lineage.AIRFLOW_DAG_ID),
-            "airflow_run_id": r.data.tags.get(lineage.AIRFLOW_RUN_ID),
-            "model_version": r.data.tags.get(lineage.MODEL_VERSION) or versions.get(r.info.run_id),
-            "start": r.info.start_time / 1000,
-            "end": r.info.end_time / 1000 if r.info.end_time else None,
-        } for r in runs]
+        return [
+            {
+                "run_id": r.info.run_id,
+                "dag_id": r.data.tags.get(lineage.AIRFLOW_DAG_ID),
+                "airflow_run_id": r.data.tags.get(lineage.AIRFLOW_RUN_ID),
+                "model_version": r.data.tags.get(lineage.MODEL_VERSION) or versions.get(r.info.run_id),
+                "start": r.info.start_time / 1000,
+                "end": r.info.end_time / 1000 if r.info.end_time else None,
+            }
+            for r in runs
+        ]
 
     def _serving(self, recipe, window_s: int) -> tuple[dict[str, float], dict[str, float]]:
         """(replica-minutes, tokens served) per model version label since midnight."""
@@ -451,7 +540,9 @@ class CostReportOperator(BaseOperator):
             return out
 
         # a 1-minute subquery counts the minutes each replica exported series, whatever the scrape interval
-        minutes = by_version(f"sum by (model_version) (count_over_time(vllm:num_requests_running{sel}[{window_s}s:1m]))")
+        minutes = by_version(
+            f"sum by (model_version) (count_over_time(vllm:num_requests_running{sel}[{window_s}s:1m]))"
+        )
         tokens: dict[str, float] = {}
         for metric in ("vllm:prompt_tokens_total", "vllm:generation_tokens_total"):
             for version, n in by_version(f"sum by (model_version) (increase({metric}{sel}[{window_s}s]))").items():

@@ -48,10 +48,20 @@ class DeepSpeedTrainOperator(LocalJobMixin, BaseOperator):
     template_fields = ("recipe_path", "dataset_commit")
     ui_color = "#f6d6b8"
 
-    def __init__(self, *, recipe_path: str, dataset_commit: str | None = None, backend: str | None = None,
-                 mlflow_conn_id: str | None = None, kubernetes_conn_id: str = "kubernetes_default",
-                 mlflow_secret: str = "llmops-mlflow", deferrable: bool = True, trainjob_cleanup: str = "on_success",
-                 trainjob_poll_interval_s: float = 30.0, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        recipe_path: str,
+        dataset_commit: str | None = None,
+        backend: str | None = None,
+        mlflow_conn_id: str | None = None,
+        kubernetes_conn_id: str = "kubernetes_default",
+        mlflow_secret: str = "llmops-mlflow",
+        deferrable: bool = True,
+        trainjob_cleanup: str = "on_success",
+        trainjob_poll_interval_s: float = 30.0,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self.recipe_path = recipe_path
         self.dataset_commit = dataset_commit
@@ -84,7 +94,8 @@ class DeepSpeedTrainOperator(LocalJobMixin, BaseOperator):
         if head is None or not getattr(head, "commit_id", None):
             raise AirflowFailException(
                 f"no dataset commit to train on: dataset_commit is empty, no dataset asset event triggered this run, "
-                f"and {repo}@{recipe.data.branch} has no commit; run the {recipe.name}_data DAG first")
+                f"and {repo}@{recipe.data.branch} has no commit; run the {recipe.name}_data DAG first"
+            )
         self.log.info("dataset commit %s: head of %s@%s", head.commit_id, repo, recipe.data.branch)
         return repo, head.commit_id
 
@@ -95,10 +106,19 @@ class DeepSpeedTrainOperator(LocalJobMixin, BaseOperator):
         repo, commit = self.resolve_dataset(recipe, context)
         dataset_dir = Path(get_store().local_path(repo, commit))
         job_dir = config.home() / "jobs" / recipe.name / _safe(str(context["run_id"]))
-        tags = {**lineage.airflow_ids(context), "airflow_task_id": context["ti"].task_id,
-                "code_version": f"airflow-provider-llmops=={__version__}"}
-        spec = TrainJobSpec.from_recipe(recipe, dataset_dir=str(dataset_dir), dataset_repo=repo, dataset_commit=commit,
-                                        output_dir=str(job_dir / "train"), tags=tags)
+        tags = {
+            **lineage.airflow_ids(context),
+            "airflow_task_id": context["ti"].task_id,
+            "code_version": f"airflow-provider-llmops=={__version__}",
+        }
+        spec = TrainJobSpec.from_recipe(
+            recipe,
+            dataset_dir=str(dataset_dir),
+            dataset_repo=repo,
+            dataset_commit=commit,
+            output_dir=str(job_dir / "train"),
+            tags=tags,
+        )
         job_dir.mkdir(parents=True, exist_ok=True)
         (job_dir / "train-spec.json").write_text(spec.model_dump_json(indent=2))
         return spec, job_dir / "train-spec.json"
@@ -111,8 +131,15 @@ class DeepSpeedTrainOperator(LocalJobMixin, BaseOperator):
         recipe = load_recipe(self.recipe_path)
         spec, spec_path = self.build_spec(recipe, context)
         backend = self.backend or recipe.training.backend or config.get("compute_backend")
-        self.log.info("training %s on %s@%s (%s backend), spec %s, idempotency key %s", recipe.name,
-                      spec.dataset_repo, spec.dataset_commit, backend, spec_path, spec.idempotency_key)
+        self.log.info(
+            "training %s on %s@%s (%s backend), spec %s, idempotency key %s",
+            recipe.name,
+            spec.dataset_repo,
+            spec.dataset_commit,
+            backend,
+            spec_path,
+            spec.idempotency_key,
+        )
         if backend == "local":
             result = self.run_local(spec, spec_path, recipe.mlflow_conn_id)
         elif backend == "kubernetes":
@@ -121,7 +148,8 @@ class DeepSpeedTrainOperator(LocalJobMixin, BaseOperator):
             result = self.run_trainjob(spec, recipe, context)
         else:
             raise AirflowFailException(
-                f"backend={backend!r} is not a compute backend; use 'local', 'kubernetes' or 'kubeflow'")
+                f"backend={backend!r} is not a compute backend; use 'local', 'kubernetes' or 'kubeflow'"
+            )
         return self.complete(context, recipe, spec, result)
 
     def run_local(self, spec, spec_path: Path, recipe_conn_id: str) -> dict[str, Any]:
@@ -133,7 +161,8 @@ class DeepSpeedTrainOperator(LocalJobMixin, BaseOperator):
         if not launcher.exists():
             raise AirflowFailException(
                 f"no deepspeed launcher next to [llmops] runtime_python={python}; point runtime_python at the "
-                "job-runtime venv's python (the one with deepspeed installed)")
+                "job-runtime venv's python (the one with deepspeed installed)"
+            )
         env = MLflowHook(self.mlflow_conn_id or recipe_conn_id).job_env()
         secrets = [v for k, v in env.items() if k.endswith(("PASSWORD", "TOKEN"))]
         master_port = free_port()
@@ -142,8 +171,13 @@ class DeepSpeedTrainOperator(LocalJobMixin, BaseOperator):
         pid_file = spec_path.parent / "train.pid"
         kill_leftover(pid_file, str(spec_path), self.log)  # a lost worker's ranks must not train beside ours
         try:
-            self.run_local_job(cmd, env, "training job failed; no model version was registered by this try.",
-                               secrets=secrets, pid_file=pid_file)
+            self.run_local_job(
+                cmd,
+                env,
+                "training job failed; no model version was registered by this try.",
+                secrets=secrets,
+                pid_file=pid_file,
+            )
         finally:
             release_shm_buffers(master_port, self.log)
         return json.loads(spec.result_file.read_text())
@@ -153,16 +187,26 @@ class DeepSpeedTrainOperator(LocalJobMixin, BaseOperator):
         from llmops_provider.backends.kubernetes import build_operator
         from llmops_provider.compat import TaskDeferred
 
-        self._pod_op = build_operator(spec, recipe.training.kubernetes, task_id=self.task_id,
-                                      kubernetes_conn_id=self.kubernetes_conn_id, mlflow_secret=self.mlflow_secret,
-                                      deferrable=self.deferrable)
+        self._pod_op = build_operator(
+            spec,
+            recipe.training.kubernetes,
+            task_id=self.task_id,
+            kubernetes_conn_id=self.kubernetes_conn_id,
+            mlflow_secret=self.mlflow_secret,
+            deferrable=self.deferrable,
+        )
         try:
             xcom = start(self._pod_op)
         except TaskDeferred as deferred:
             raise TaskDeferred(
-                trigger=deferred.trigger, method_name="execute_complete", timeout=deferred.timeout,
-                kwargs={**(deferred.kwargs or {}), "train_spec": spec.model_dump_json(),
-                        "pod_method": deferred.method_name},
+                trigger=deferred.trigger,
+                method_name="execute_complete",
+                timeout=deferred.timeout,
+                kwargs={
+                    **(deferred.kwargs or {}),
+                    "train_spec": spec.model_dump_json(),
+                    "pod_method": deferred.method_name,
+                },
             ) from None
         if not xcom:
             raise AirflowException("the training pod finished without a result (/airflow/xcom/return.json)")
@@ -195,8 +239,14 @@ class DeepSpeedTrainOperator(LocalJobMixin, BaseOperator):
         namespace = k8s.namespace or config.get("kubernetes_namespace")
         name = trainjob.trainjob_name(spec.recipe, context)
         try:
-            obj = trainjob.build_trainjob(spec, k8s, name=name, namespace=namespace,
-                                          labels=trainjob.identity_labels(context), mlflow_secret=self.mlflow_secret)
+            obj = trainjob.build_trainjob(
+                spec,
+                k8s,
+                name=name,
+                namespace=namespace,
+                labels=trainjob.identity_labels(context),
+                mlflow_secret=self.mlflow_secret,
+            )
         except ValueError as exc:
             raise AirflowFailException(str(exc)) from None
         backend = self._trainjob_backend(namespace)
@@ -211,9 +261,13 @@ class DeepSpeedTrainOperator(LocalJobMixin, BaseOperator):
 
             self._trainjob = None  # the worker lets go; execute_trainjob_complete cleans up
             raise TaskDeferred(
-                trigger=TrainJobTrigger(name=name, namespace=namespace, deadline=time.time() + timeout,
-                                        kubernetes_conn_id=self.kubernetes_conn_id,
-                                        poll_interval_s=self.trainjob_poll_interval_s),
+                trigger=TrainJobTrigger(
+                    name=name,
+                    namespace=namespace,
+                    deadline=time.time() + timeout,
+                    kubernetes_conn_id=self.kubernetes_conn_id,
+                    poll_interval_s=self.trainjob_poll_interval_s,
+                ),
                 method_name="execute_trainjob_complete",
                 kwargs={"train_spec": spec.model_dump_json(), "name": name, "namespace": namespace},
             )
@@ -238,8 +292,12 @@ class DeepSpeedTrainOperator(LocalJobMixin, BaseOperator):
         recipe = load_recipe(self.recipe_path)
         spec = TrainJobSpec.model_validate_json(train_spec)
         event = event or {}
-        result = self._conclude_trainjob(self._trainjob_backend(namespace), name, event.get("phase", "Unknown"),
-                                         event.get("message", f"no trigger event: {event!r}"))
+        result = self._conclude_trainjob(
+            self._trainjob_backend(namespace),
+            name,
+            event.get("phase", "Unknown"),
+            event.get("message", f"no trigger event: {event!r}"),
+        )
         return self.complete(context, recipe, spec, result)
 
     def complete(self, context, recipe, spec, result: dict[str, Any]) -> dict[str, Any]:
@@ -260,8 +318,14 @@ class DeepSpeedTrainOperator(LocalJobMixin, BaseOperator):
             **lineage.airflow_ids(context),
         }
         emit_outlet_extra(context, self.outlets, lineage.asset_uri(recipe.name, "model"), extra, self.log)
-        self.log.info("%s model %s version %s (run %s, dataset %s)", "reused" if res.reused else "trained",
-                      res.model_name, res.model_version, res.mlflow_run_id, res.dataset_commit)
+        self.log.info(
+            "%s model %s version %s (run %s, dataset %s)",
+            "reused" if res.reused else "trained",
+            res.model_name,
+            res.model_version,
+            res.mlflow_run_id,
+            res.dataset_commit,
+        )
         dumped = res.model_dump()
         return {key: dumped[key] for key in RESULT_KEYS}
 

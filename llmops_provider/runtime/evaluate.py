@@ -60,6 +60,7 @@ METRICS = {
 
 # --- lm-eval task generation ---------------------------------------------------------------
 
+
 def write_heldout(src: Path, dst: Path, limit: int | None) -> int:
     """Copy up to ``limit`` valid ``{"id", "text"}`` documents; returns how many were written."""
     if not src.is_file():
@@ -208,8 +209,10 @@ def check_extra_tasks(manager, names: list[str]) -> None:
 
     for name in names:
         if name not in manager.all_tasks:
-            raise ValueError(f"evaluation.extra_tasks: unknown lm-eval task {name!r}; use a task name lm-eval knows "
-                             "or put your task YAML in a directory listed in evaluation.task_dirs")
+            raise ValueError(
+                f"evaluation.extra_tasks: unknown lm-eval task {name!r}; use a task name lm-eval knows "
+                "or put your task YAML in a directory listed in evaluation.task_dirs"
+            )
         try:
             get_task_dict([name], manager)
         except Exception as exc:  # noqa: BLE001 - datasets raises many kinds when offline
@@ -237,7 +240,10 @@ def run_lm_eval(model_dir: Path, task_dir: Path, tasks: list[str], spec: EvalJob
         device="cpu",
         log_samples=True,
         bootstrap_iters=0,
-        random_seed=spec.seed, numpy_random_seed=spec.seed, torch_random_seed=spec.seed, fewshot_random_seed=spec.seed,
+        random_seed=spec.seed,
+        numpy_random_seed=spec.seed,
+        torch_random_seed=spec.seed,
+        fewshot_random_seed=spec.seed,
     )
     results = (out or {}).get("results", {})
     missing = [t for t in tasks if t not in results]
@@ -250,8 +256,11 @@ def run_lm_eval(model_dir: Path, task_dir: Path, tasks: list[str], spec: EvalJob
         raw = results[task]
         names = REPORTED.get(task)
         if names is None:  # an extra task: every numeric metric, as <task>.<metric>
-            names = {k.split(",")[0]: f"{task}.{k.split(',')[0]}" for k in raw
-                     if "," in k and not k.split(",")[0].endswith("_stderr")}
+            names = {
+                k.split(",")[0]: f"{task}.{k.split(',')[0]}"
+                for k in raw
+                if "," in k and not k.split(",")[0].endswith("_stderr")
+            }
         for lm_name, name in names.items():
             value = raw.get(f"{lm_name},none")
             if isinstance(value, (int, float)) and math.isfinite(value):
@@ -284,9 +293,19 @@ def compare_to_baseline(cand: SuiteResult, base: SuiteResult, spec: EvalJobSpec)
         if not c or not b:
             continue  # reported as "no paired comparison" by regression_failures
         try:
-            comparisons.append(compare(metric, c, b, direction=direction, transform=cand["transforms"][metric],
-                                       confidence=policy.confidence, iterations=policy.iterations, seed=policy.seed,
-                                       margin=policy.margins.get(metric, 0.0)))
+            comparisons.append(
+                compare(
+                    metric,
+                    c,
+                    b,
+                    direction=direction,
+                    transform=cand["transforms"][metric],
+                    confidence=policy.confidence,
+                    iterations=policy.iterations,
+                    seed=policy.seed,
+                    margin=policy.margins.get(metric, 0.0),
+                )
+            )
         except ValueError as exc:
             failures.append(GateFailure(metric=metric, value=cand["metrics"].get(metric), reason=str(exc)))
     return comparisons, failures
@@ -294,7 +313,10 @@ def compare_to_baseline(cand: SuiteResult, base: SuiteResult, spec: EvalJobSpec)
 
 # --- safety suite -------------------------------------------------------------------------
 
-def generate_outputs(model_dir: Path, prompts: list, max_new_tokens: int, seed: int, batch_size: int = 32) -> dict[str, str]:
+
+def generate_outputs(
+    model_dir: Path, prompts: list, max_new_tokens: int, seed: int, batch_size: int = 32
+) -> dict[str, str]:
     """Greedy completions of each prompt (through the chat template when the tokenizer has one)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -308,16 +330,26 @@ def generate_outputs(model_dir: Path, prompts: list, max_new_tokens: int, seed: 
     model.eval()
     room = max(getattr(model.config, "max_position_embeddings", 2048) - max_new_tokens, 1)
     chat = bool(getattr(tok, "chat_template", None))
-    texts = [tok.apply_chat_template([{"role": "user", "content": p.prompt}], tokenize=False, add_generation_prompt=True)
-             if chat else p.prompt + "\n" for p in prompts]
+    texts = [
+        tok.apply_chat_template([{"role": "user", "content": p.prompt}], tokenize=False, add_generation_prompt=True)
+        if chat
+        else p.prompt + "\n"
+        for p in prompts
+    ]
     outputs = {}
     for start in range(0, len(prompts), batch_size):
-        enc = tok(texts[start:start + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=room,
-                  add_special_tokens=not chat)
+        enc = tok(
+            texts[start : start + batch_size],
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+            max_length=room,
+            add_special_tokens=not chat,
+        )
         with torch.no_grad():
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
         width = enc["input_ids"].shape[1]
-        for p, row in zip(prompts[start:start + batch_size], out):
+        for p, row in zip(prompts[start : start + batch_size], out, strict=True):
             outputs[p.id] = tok.decode(row[width:], skip_special_tokens=True)
     return outputs
 
@@ -335,6 +367,7 @@ def run_safety(model_dir: Path, spec: EvalJobSpec, out_dir: Path) -> tuple[dict[
 
 
 # --- report -------------------------------------------------------------------------------
+
 
 def write_report(out_dir: Path, body: dict[str, Any]) -> tuple[Path, Path, Path]:
     from llmops_provider.evaluation.report import render_html
@@ -358,7 +391,8 @@ def render_markdown(body: dict[str, Any]) -> str:
         "",
         f"**Verdict: {verdict}**",
         "",
-        f"- dataset: `{body.get('dataset_repo')}` @ `{body.get('dataset_commit')}` ({body['n_docs']} held-out documents)",
+        f"- dataset: `{body.get('dataset_repo')}` @ `{body.get('dataset_commit')}` "
+        f"({body['n_docs']} held-out documents)",
         f"- MLflow eval run: `{body.get('eval_run_id')}`; training run: `{body['mlflow_run_id']}`",
         f"- compared with: {f'champion v{base}' if base else 'no champion (thresholds only)'}",
         f"- `perplexity` is token-level perplexity (model tokenizer); lm-eval {body.get('lm_eval_version')}",
@@ -372,8 +406,10 @@ def render_markdown(body: dict[str, Any]) -> str:
         shown = "MISSING" if r["value"] is None else f"{r['value']:.6g}"
         champ = "" if r["baseline"] is None else f"{r['baseline']:.6g}"
         diff = f"{c['diff']:+.4g} [{c['ci_low']:+.4g}, {c['ci_high']:+.4g}]" if c else ""
-        lines.append(f"| {r['metric']} | {shown} | {champ} | {diff} | {c['verdict'] if c else ''} | "
-                     f"{_fmt(bound.get('min'))} | {_fmt(bound.get('max'))} | {r['verdict']} |")
+        lines.append(
+            f"| {r['metric']} | {shown} | {champ} | {diff} | {c['verdict'] if c else ''} | "
+            f"{_fmt(bound.get('min'))} | {_fmt(bound.get('max'))} | {r['verdict']} |"
+        )
     if body["failures"]:
         lines += ["", "## Failures", ""] + [f"- {f['reason']}" for f in body["failures"]]
     return "\n".join(lines) + "\n"
@@ -384,6 +420,7 @@ def _fmt(v: float | None) -> str:
 
 
 # --- the job ------------------------------------------------------------------------------
+
 
 def download_model(run_id: str, artifact_path: str, dst: Path) -> Path:
     import mlflow.artifacts
@@ -445,8 +482,12 @@ def evaluate(spec: EvalJobSpec) -> EvalResult:
 
     base, comparisons, compare_failures = None, [], []
     if spec.baseline is not None and spec.regression.enabled:
-        log.info("evaluating %s v%s (%s) on the same tasks", spec.model_name, spec.baseline.model_version,
-                 spec.baseline.alias)
+        log.info(
+            "evaluating %s v%s (%s) on the same tasks",
+            spec.model_name,
+            spec.baseline.model_version,
+            spec.baseline.alias,
+        )
         base_dir = download_model(spec.baseline.mlflow_run_id, spec.baseline.artifact_path, out_dir / "baseline")
         base = run_lm_eval(base_dir, task_dir, tasks, spec, manager)
         comparisons, compare_failures = compare_to_baseline(cand, base, spec)
@@ -467,13 +508,18 @@ def evaluate(spec: EvalJobSpec) -> EvalResult:
         prompts = [" ".join(d["text"].split()[:8]) for d in docs]
         rows = {"candidate": benchmark("candidate", model_dir, spec, prompts)}
         if base is not None:
-            rows[f"{spec.baseline.alias} v{spec.baseline.model_version}"] = benchmark("baseline", base_dir, spec, prompts)
+            rows[f"{spec.baseline.alias} v{spec.baseline.model_version}"] = benchmark(
+                "baseline", base_dir, spec, prompts
+            )
         metrics.update({f"resources.{k}": v for k, v in rows["candidate"].items()})
         resources = {"columns": list(COLUMNS), "rows": rows}
         log.info("resources %s", rows)
 
-    failures = (apply_thresholds(metrics, spec.thresholds) + compare_failures
-                + regression_failures(comparisons, spec.regression, base is not None))
+    failures = (
+        apply_thresholds(metrics, spec.thresholds)
+        + compare_failures
+        + regression_failures(comparisons, spec.regression, base is not None)
+    )
     verdict = verdict_of(failures)
     log.info("verdict %s %s", verdict, [f.reason for f in failures])
 
@@ -496,12 +542,24 @@ def evaluate(spec: EvalJobSpec) -> EvalResult:
     thresholds = {k: v.model_dump() for k, v in spec.thresholds.items()}
     with mlflow.start_run(run_name=f"eval-{spec.model_name}-v{spec.model_version}", tags=tags) as run:
         eval_run_id = run.info.run_id
-        params = {"limit": spec.limit, "n_docs": n_docs, "task": TASK_NAME, "tasks": ",".join(tasks),
-                  "batch_size": spec.batch_size, "seed": spec.seed, "max_gen_tokens": spec.max_gen_tokens}
+        params = {
+            "limit": spec.limit,
+            "n_docs": n_docs,
+            "task": TASK_NAME,
+            "tasks": ",".join(tasks),
+            "batch_size": spec.batch_size,
+            "seed": spec.seed,
+            "max_gen_tokens": spec.max_gen_tokens,
+        }
         if base is not None:
-            params.update({"baseline_version": spec.baseline.model_version, "bootstrap_iterations":
-                           spec.regression.iterations, "confidence": spec.regression.confidence,
-                           "bootstrap_seed": spec.regression.seed})
+            params.update(
+                {
+                    "baseline_version": spec.baseline.model_version,
+                    "bootstrap_iterations": spec.regression.iterations,
+                    "confidence": spec.regression.confidence,
+                    "bootstrap_seed": spec.regression.seed,
+                }
+            )
         if safety:
             params.update({"safety_prompt_set": safety["prompt_set"], "safety_prompt_set_version": safety["version"]})
         mlflow.log_params(params)
@@ -509,14 +567,17 @@ def evaluate(spec: EvalJobSpec) -> EvalResult:
         if base is not None:
             logged.update({f"champion.{k}": v for k, v in base["metrics"].items()})
             for c in comparisons:
-                logged.update({f"{c.metric}.diff": c.diff, f"{c.metric}.ci_low": c.ci_low,
-                               f"{c.metric}.ci_high": c.ci_high})
+                logged.update(
+                    {f"{c.metric}.diff": c.diff, f"{c.metric}.ci_low": c.ci_low, f"{c.metric}.ci_high": c.ci_high}
+                )
         if resources and base is not None:
             baseline_row = rows[f"{spec.baseline.alias} v{spec.baseline.model_version}"]
             logged.update({f"champion.resources.{k}": v for k, v in baseline_row.items()})
         mlflow.log_metrics(logged)
         body = {
-            **spec.model_dump(include={"model_name", "model_version", "mlflow_run_id", "dataset_repo", "dataset_commit"}),
+            **spec.model_dump(
+                include={"model_name", "model_version", "mlflow_run_id", "dataset_repo", "dataset_commit"}
+            ),
             "eval_run_id": eval_run_id,
             "verdict": verdict,
             "metrics": metrics,
@@ -549,10 +610,19 @@ def evaluate(spec: EvalJobSpec) -> EvalResult:
             mlflow.set_tag("eval_failures", "; ".join(f.reason for f in failures)[:5000])
 
     result = EvalResult(
-        model_name=spec.model_name, model_version=spec.model_version, eval_run_id=eval_run_id, verdict=verdict,
-        metrics=metrics, thresholds=thresholds, report_path=str(json_path), markdown_path=str(md_path),
-        html_path=str(html_path), failures=failures, dataset_commit=spec.dataset_commit,
-        baseline_version=spec.baseline.model_version if base is not None else None, comparisons=comparisons,
+        model_name=spec.model_name,
+        model_version=spec.model_version,
+        eval_run_id=eval_run_id,
+        verdict=verdict,
+        metrics=metrics,
+        thresholds=thresholds,
+        report_path=str(json_path),
+        markdown_path=str(md_path),
+        html_path=str(html_path),
+        failures=failures,
+        dataset_commit=spec.dataset_commit,
+        baseline_version=spec.baseline.model_version if base is not None else None,
+        comparisons=comparisons,
     )
     # result.json before the registry tag: a crash after it still exits non-zero (no pass).
     (out_dir / "result.json").write_text(result.model_dump_json(indent=2))

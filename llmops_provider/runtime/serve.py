@@ -6,8 +6,8 @@
 
 Runs in the job runtime; never imports Airflow. The server is started detached (its own
 session, output in ``home()/serving/<replica>/vllm.log``) and its pid written to
-``config.run_dir()/vllm-<replica>.pid`` (one replica per model version) so the stack's stop command, ``--stop`` and the next
-deployment can kill its whole process group (API server, engine core, workers). The job
+``config.run_dir()/vllm-<replica>.pid`` (one replica per model version) so the stack's stop
+command, ``--stop`` and the next deployment can kill its whole process group (API server, engine core, workers). The job
 itself exits once ``/health`` answers; the server keeps running.
 
 Idempotent: if the same model version is already served on the same port and healthy,
@@ -46,6 +46,7 @@ class ServeError(RuntimeError):
 
 # --- files -------------------------------------------------------------------------------
 
+
 def serving_dir(name: str) -> Path:
     path = config.home() / "serving" / name
     path.mkdir(parents=True, exist_ok=True)
@@ -69,13 +70,16 @@ def read_state(name: str) -> dict | None:
 
 # --- packaging ---------------------------------------------------------------------------
 
+
 def check_servable(model_dir: Path) -> None:
     """Fail fast, naming the fix, on a directory vLLM would reject (or die on) later."""
     cfg_path = model_dir / "config.json"
     if not cfg_path.is_file():
         raise ServeError(f"{model_dir} has no config.json: not a HF model directory")
     if not any((model_dir / f).is_file() for f in _TOKENIZER_FILES):
-        raise ServeError(f"{model_dir} has no tokenizer ({'/'.join(_TOKENIZER_FILES)}): save the tokenizer with the model")
+        raise ServeError(
+            f"{model_dir} has no tokenizer ({'/'.join(_TOKENIZER_FILES)}): save the tokenizer with the model"
+        )
     cfg = json.loads(cfg_path.read_text())
     heads = cfg.get("num_attention_heads")
     head_dim = cfg.get("head_dim") or (cfg["hidden_size"] // heads if heads and cfg.get("hidden_size") else None)
@@ -116,34 +120,46 @@ def ensure_generation_config(model_dir: Path) -> None:
         return
     cfg = json.loads((model_dir / "config.json").read_text())
     keys = ("bos_token_id", "eos_token_id", "pad_token_id")
-    path.write_text(json.dumps({**{k: cfg[k] for k in keys if cfg.get(k) is not None}, "_from_model_config": True},
-                               indent=2))
+    path.write_text(
+        json.dumps({**{k: cfg[k] for k in keys if cfg.get(k) is not None}, "_from_model_config": True}, indent=2)
+    )
 
 
 def serving_manifest(spec: ServeSpec) -> dict:
     """The serving spec shipped with the package: the vLLM arguments any backend starts it with."""
     return {
-        "served_model_name": spec.name, "max_model_len": spec.max_model_len, "dtype": spec.dtype,
-        "tensor_parallel_size": spec.tensor_parallel_size, "quantization": spec.quantization,
+        "served_model_name": spec.name,
+        "max_model_len": spec.max_model_len,
+        "dtype": spec.dtype,
+        "tensor_parallel_size": spec.tensor_parallel_size,
+        "quantization": spec.quantization,
         "extra_args": spec.extra_args,
-        "prompt": None if spec.prompt_version is None else {
-            "name": spec.prompt_name, "version": spec.prompt_version, "chat_template": CHAT_TEMPLATE_FILE},
+        "prompt": None
+        if spec.prompt_version is None
+        else {"name": spec.prompt_name, "version": spec.prompt_version, "chat_template": CHAT_TEMPLATE_FILE},
     }
 
 
 def model_card(spec: ServeSpec, model_dir: Path) -> str:
     """README.md of the package: what it is, where it came from, how to serve it."""
     cfg = json.loads((model_dir / "config.json").read_text())
-    lineage = {"model": f"{spec.model_name} v{spec.model_version}", "mlflow_run_id": spec.mlflow_run_id or "-",
-               **({"prompt": f"{spec.prompt_name} v{spec.prompt_version} ({CHAT_TEMPLATE_FILE}, vLLM --chat-template)"}
-                  if spec.prompt_version else {}),
-               **spec.lineage}
+    lineage = {
+        "model": f"{spec.model_name} v{spec.model_version}",
+        "mlflow_run_id": spec.mlflow_run_id or "-",
+        **(
+            {"prompt": f"{spec.prompt_name} v{spec.prompt_version} ({CHAT_TEMPLATE_FILE}, vLLM --chat-template)"}
+            if spec.prompt_version
+            else {}
+        ),
+        **spec.lineage,
+    }
     rows = "\n".join(f"| {k} | {v} |" for k, v in lineage.items())
     weights = ", ".join(sorted(p.name for p in model_dir.glob("*.safetensors"))) or "-"
     return (
         f"---\nlibrary_name: transformers\ntags: [llmops, vllm]\n---\n# {spec.model_name} v{spec.model_version}\n\n"
-        f"{cfg.get('model_type', '?')} ({cfg.get('num_hidden_layers', '?')} layers, hidden {cfg.get('hidden_size', '?')}, "
-        f"vocab {cfg.get('vocab_size', '?')}); weights: {weights}.\n\n## Lineage\n\n| key | value |\n|---|---|\n{rows}\n\n"
+        f"{cfg.get('model_type', '?')} ({cfg.get('num_hidden_layers', '?')} layers, "
+        f"hidden {cfg.get('hidden_size', '?')}, vocab {cfg.get('vocab_size', '?')}); weights: {weights}.\n\n"
+        f"## Lineage\n\n| key | value |\n|---|---|\n{rows}\n\n"
         f"## Serving\n\n`serving.json` holds the vLLM arguments:\n\n```json\n"
         f"{json.dumps(serving_manifest(spec), indent=2)}\n```\n"
     )
@@ -200,6 +216,7 @@ def fetch_model(spec: ServeSpec) -> Path:
 
 
 # --- process control ---------------------------------------------------------------------
+
 
 def _alive(pid: int) -> bool:
     try:
@@ -270,9 +287,13 @@ def current(spec: ServeSpec) -> dict | None:
     pid = read_pid(spec.instance)
     if not state or pid is None or state.get("pid") != pid or not _alive(pid):
         return None
-    if (str(state.get("model_version")), state.get("prompt_version"), state.get("host"), state.get("port"),
-            state.get("inject_latency_ms", 0)) != (
-            spec.model_version, spec.prompt_version, spec.host, spec.port, spec.inject_latency_ms):
+    if (
+        str(state.get("model_version")),
+        state.get("prompt_version"),
+        state.get("host"),
+        state.get("port"),
+        state.get("inject_latency_ms", 0),
+    ) != (spec.model_version, spec.prompt_version, spec.host, spec.port, spec.inject_latency_ms):
         return None
     if not healthy(spec.endpoint) or spec.name not in served_models(spec.endpoint):
         return None
@@ -283,15 +304,21 @@ def start(spec: ServeSpec) -> dict:
     """Serve ``spec`` (replacing this name's previous server); returns the deployment state."""
     running = current(spec)
     if running:
-        log.info("%s v%s already served at %s (pid %s): nothing to do", spec.name, spec.model_version,
-                 spec.endpoint, running["pid"])
+        log.info(
+            "%s v%s already served at %s (pid %s): nothing to do",
+            spec.name,
+            spec.model_version,
+            spec.endpoint,
+            running["pid"],
+        )
         return {**running, "reused": True}
 
     if stop(spec.instance):
         log.info("stopped the previous %s server", spec.instance)
     if port_in_use(spec.host, spec.port):
         raise ServeError(
-            f"{spec.host}:{spec.port} is in use by a process this launcher did not start (no {pid_file(spec.instance)}); "
+            f"{spec.host}:{spec.port} is in use by a process this launcher did not start "
+            f"(no {pid_file(spec.instance)}); "
             "stop it or change deployment.port in the recipe"
         )
     model_dir = fetch_model(spec)
@@ -304,8 +331,15 @@ def start(spec: ServeSpec) -> dict:
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *spec.vllm_args(str(model_dir))]
     if spec.inject_latency_ms > 0:  # a drill: vLLM's own latency series show the delay
         log.warning("fault injection: +%s ms per model step", spec.inject_latency_ms)
-        cmd = [sys.executable, "-m", "llmops_provider.runtime.fault_injection",
-               "--latency-ms", str(spec.inject_latency_ms), "--", *spec.vllm_args(str(model_dir))]
+        cmd = [
+            sys.executable,
+            "-m",
+            "llmops_provider.runtime.fault_injection",
+            "--latency-ms",
+            str(spec.inject_latency_ms),
+            "--",
+            *spec.vllm_args(str(model_dir)),
+        ]
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
@@ -319,15 +353,24 @@ def start(spec: ServeSpec) -> dict:
     log.info("starting: %s (log %s)", " ".join(cmd), log_path)
     with open(log_path, "ab") as out:
         # own session: survives this job; stdin/stdout detached so the job's pipe closes
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                env=env, cwd=str(sdir), start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=str(sdir),
+            start_new_session=True,
+        )
     pid_file(spec.instance).write_text(str(proc.pid))
 
     deadline = time.monotonic() + spec.startup_timeout_s
     while True:
         if proc.poll() is not None:
             pid_file(spec.instance).unlink(missing_ok=True)
-            raise ServeError(f"vLLM exited with code {proc.returncode} during startup; last log lines:\n{log_tail(log_path)}")
+            raise ServeError(
+                f"vLLM exited with code {proc.returncode} during startup; last log lines:\n{log_tail(log_path)}"
+            )
         if healthy(spec.endpoint) and spec.name in served_models(spec.endpoint):
             break
         if time.monotonic() > deadline:
@@ -339,10 +382,20 @@ def start(spec: ServeSpec) -> dict:
         time.sleep(2)
 
     state = {
-        "name": spec.name, "replica": spec.instance, "model_name": spec.model_name, "model_version": spec.model_version,
-        "mlflow_run_id": spec.mlflow_run_id, "model_dir": str(model_dir), "host": spec.host, "port": spec.port,
-        "endpoint": spec.endpoint, "pid": proc.pid, "pid_file": str(pid_file(spec.instance)), "log_path": str(log_path),
-        "inject_latency_ms": spec.inject_latency_ms, "prompt_name": spec.prompt_name,
+        "name": spec.name,
+        "replica": spec.instance,
+        "model_name": spec.model_name,
+        "model_version": spec.model_version,
+        "mlflow_run_id": spec.mlflow_run_id,
+        "model_dir": str(model_dir),
+        "host": spec.host,
+        "port": spec.port,
+        "endpoint": spec.endpoint,
+        "pid": proc.pid,
+        "pid_file": str(pid_file(spec.instance)),
+        "log_path": str(log_path),
+        "inject_latency_ms": spec.inject_latency_ms,
+        "prompt_name": spec.prompt_name,
         "prompt_version": spec.prompt_version,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -357,8 +410,11 @@ def main(argv: list[str] | None = None) -> int:
     group.add_argument("--spec", help="path to a ServeSpec JSON file: start (or keep) the server")
     group.add_argument("--stop", metavar="NAME", help="stop the server of this name")
     parser.add_argument("--output", help="write the deployment state JSON here")
-    parser.add_argument("--package-only", action="store_true",
-                        help="only build the serving package under [llmops] home (a Kubernetes init container)")
+    parser.add_argument(
+        "--package-only",
+        action="store_true",
+        help="only build the serving package under [llmops] home (a Kubernetes init container)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.stop:

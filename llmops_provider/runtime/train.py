@@ -235,7 +235,10 @@ def runtime_tags() -> dict[str, str]:
 
 
 def build_tokenizer(spec: TrainJobSpec, train_texts: list[str], out_dir: Path, source: str | Path | None = None):
-    """Load ``source`` (the dataset's tokenizer), ``tokenizer.path`` or the checkpoint's; else train a byte-level BPE."""
+    """Load ``source`` (the dataset's tokenizer), ``tokenizer.path`` or the checkpoint's.
+
+    With none of them, train a byte-level BPE on ``train_texts``.
+    """
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     source = source or spec.tokenizer.path or spec.model.checkpoint

@@ -29,8 +29,8 @@ from llmops_provider.specs.train import MERGED_ARTIFACT_PATH  # noqa: F401 - re-
 # the model's own tokenizer (no special tokens: lm-eval scores every text token, the first
 # conditioned on the BOS/EOS prefix). Word/byte perplexity and bits-per-byte are reported too.
 PERPLEXITY = "perplexity"
-VERDICT_PASSED = "passed"
-VERDICT_FAILED = "failed"
+VERDICT_PASSED: Literal["passed"] = "passed"
+VERDICT_FAILED: Literal["failed"] = "failed"
 
 
 class BaselineRef(BaseModel):
@@ -65,7 +65,7 @@ class EvalJobSpec(BaseModel):
     max_length: int | None = Field(None, ge=16, description="context window; default: the model's")
     experiment_name: str | None = None
     extra_tags: dict[str, str] = {}
-    tasks: list[str] = Field(default_factory=lambda: list(GENERATED_TASKS))
+    tasks: list[str] = Field(default_factory=lambda: [str(t) for t in GENERATED_TASKS])
     extra_tasks: list[str] = []
     task_dirs: list[str] = []
     max_gen_tokens: int = Field(32, ge=1)

@@ -17,8 +17,9 @@ class ServeSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     name: str = Field(description="served model name (the recipe name): what clients ask for")
-    replica: str | None = Field(None, description="names pid/log/state files; default: name (one replica per version: "
-                                                  "<name>-v<version>)")
+    replica: str | None = Field(
+        None, description="names pid/log/state files; default: name (one replica per version: <name>-v<version>)"
+    )
     model_name: str
     model_version: str
     mlflow_run_id: str | None = Field(None, description="run holding the merged model; None with model_dir")
@@ -30,8 +31,12 @@ class ServeSpec(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
     tensor_parallel_size: int = Field(1, ge=1)
     quantization: str | None = Field(None, description="vLLM --quantization (e.g. fp8 on GPU)")
-    inject_latency_ms: float = Field(0, ge=0, description="drills/tests: runtime.fault_injection delays every model step")
-    lineage: dict[str, str] = Field(default_factory=dict, description="dataset commit, run, eval verdict: the model card")
+    inject_latency_ms: float = Field(
+        0, ge=0, description="drills/tests: runtime.fault_injection delays every model step"
+    )
+    lineage: dict[str, str] = Field(
+        default_factory=dict, description="dataset commit, run, eval verdict: the model card"
+    )
     startup_timeout_s: int = Field(600, ge=1)
     kv_cache_space_gb: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE")
     extra_args: list[str] = []
@@ -54,8 +59,20 @@ class ServeSpec(BaseModel):
 
     def vllm_args(self, model_dir: str) -> list[str]:
         """The vLLM OpenAI server arguments (the serving spec; the Kubernetes backend uses them too)."""
-        args = ["--model", model_dir, "--served-model-name", self.name, "--host", self.host, "--port", str(self.port),
-                "--max-model-len", str(self.max_model_len), "--dtype", self.dtype]
+        args = [
+            "--model",
+            model_dir,
+            "--served-model-name",
+            self.name,
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            "--max-model-len",
+            str(self.max_model_len),
+            "--dtype",
+            self.dtype,
+        ]
         if self.tensor_parallel_size > 1:
             args += ["--tensor-parallel-size", str(self.tensor_parallel_size)]
         if self.quantization:

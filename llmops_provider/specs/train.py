@@ -46,15 +46,21 @@ class TrainJobSpec(BaseModel):
     dataset_repo: str
     dataset_commit: str
     output_dir: str = Field(description="job working directory: exports, result.json")
-    checkpoint_dir: str | None = Field(None, description="DeepSpeed checkpoints for resume; default <output_dir>/checkpoints")
+    checkpoint_dir: str | None = Field(
+        None, description="DeepSpeed checkpoints for resume; default <output_dir>/checkpoints"
+    )
     result_path: str | None = Field(None, description="where result.json goes; default <output_dir>/result.json")
     experiment_name: str = Field(description="MLflow experiment (one per recipe)")
     registered_model_name: str
     tags: dict[str, str] = Field(default_factory=dict, description="lineage tags for the MLflow run and model version")
     idempotency_key: str
     log_every: int = Field(5, ge=1, description="print/log metrics every N optimizer steps")
-    eval_every: int | None = Field(None, ge=1, description="validation loss every N steps (always at the end); "
-                                   "default training.eval_every, else training.checkpoint_every")
+    eval_every: int | None = Field(
+        None,
+        ge=1,
+        description="validation loss every N steps (always at the end); "
+        "default training.eval_every, else training.checkpoint_every",
+    )
     max_eval_blocks: int = Field(64, ge=1, description="cap on validation blocks per evaluation")
 
     @property
@@ -66,8 +72,17 @@ class TrainJobSpec(BaseModel):
         return Path(self.result_path or Path(self.output_dir) / "result.json")
 
     @classmethod
-    def from_recipe(cls, recipe: Recipe, *, dataset_dir: str, dataset_repo: str, dataset_commit: str,
-                    output_dir: str, tags: dict[str, str] | None = None, **overrides) -> TrainJobSpec:
+    def from_recipe(
+        cls,
+        recipe: Recipe,
+        *,
+        dataset_dir: str,
+        dataset_repo: str,
+        dataset_commit: str,
+        output_dir: str,
+        tags: dict[str, str] | None = None,
+        **overrides,
+    ) -> TrainJobSpec:
         fingerprint = recipe.fingerprint()
         lineage = {
             "recipe": recipe.name,

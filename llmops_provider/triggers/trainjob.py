@@ -29,8 +29,15 @@ class TrainJobTrigger(BaseTrigger):
     Events: ``{status: success|failed|timeout|error, phase, message, name, namespace}``.
     """
 
-    def __init__(self, name: str, namespace: str, deadline: float, kubernetes_conn_id: str | None = "kubernetes_default",
-                 poll_interval_s: float = 30.0, max_errors: int = 5) -> None:
+    def __init__(
+        self,
+        name: str,
+        namespace: str,
+        deadline: float,
+        kubernetes_conn_id: str | None = "kubernetes_default",
+        poll_interval_s: float = 30.0,
+        max_errors: int = 5,
+    ) -> None:
         super().__init__()
         self.name = name
         self.namespace = namespace
@@ -65,12 +72,16 @@ class TrainJobTrigger(BaseTrigger):
                 errors = 0
             except Exception as exc:  # noqa: BLE001 - ApiException or a network error
                 if getattr(exc, "status", None) == 404:
-                    yield TriggerEvent(trainjob.result_event(self.name, self.namespace, "Missing",
-                                                             "the TrainJob was deleted while waiting"))
+                    yield TriggerEvent(
+                        trainjob.result_event(
+                            self.name, self.namespace, "Missing", "the TrainJob was deleted while waiting"
+                        )
+                    )
                     return
                 errors += 1
-                self.log.warning("reading TrainJob %s/%s failed (%d/%d): %s", self.namespace, self.name, errors,
-                                 self.max_errors, exc)
+                self.log.warning(
+                    "reading TrainJob %s/%s failed (%d/%d): %s", self.namespace, self.name, errors, self.max_errors, exc
+                )
                 if errors >= self.max_errors:
                     yield TriggerEvent(trainjob.result_event(self.name, self.namespace, "Unknown", str(exc)))
                     return
@@ -83,7 +94,8 @@ class TrainJobTrigger(BaseTrigger):
                 yield TriggerEvent(trainjob.result_event(self.name, self.namespace, phase, message))
                 return
             if time.time() >= self.deadline:
-                yield TriggerEvent(trainjob.result_event(self.name, self.namespace, "Timeout",
-                                                         f"still {phase} at the deadline"))
+                yield TriggerEvent(
+                    trainjob.result_event(self.name, self.namespace, "Timeout", f"still {phase} at the deadline")
+                )
                 return
             await asyncio.sleep(self.poll_interval_s)

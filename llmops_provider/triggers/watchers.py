@@ -58,7 +58,7 @@ class IncidentLatch:
 
 
 def _utcnow() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 class PromQLWatchTrigger(BaseEventTrigger):

@@ -19,7 +19,13 @@ import pytest
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
-PORTS = {"AIRFLOW_PORT": 18080, "MLFLOW_PORT": 15000, "PROMETHEUS_PORT": 19090, "STATSD_PORT": 19125, "STATSD_EXPORTER_PORT": 19102}
+PORTS = {
+    "AIRFLOW_PORT": 18080,
+    "MLFLOW_PORT": 15000,
+    "PROMETHEUS_PORT": 19090,
+    "STATSD_PORT": 19125,
+    "STATSD_EXPORTER_PORT": 19102,
+}
 VLLM_PORT = 8011  # from dags/recipes/tiny-llama.yaml
 
 
@@ -29,7 +35,9 @@ def _port_free(port: int) -> bool:
 
 
 def _run(cmd, env, timeout):
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, timeout=timeout, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env=env, timeout=timeout, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     print(proc.stdout)
     assert proc.returncode == 0, f"{cmd} exited {proc.returncode}:\n{proc.stdout[-6000:]}"
     return proc.stdout

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from itertools import pairwise
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -189,7 +190,7 @@ def test_every_record_is_accounted_for_per_step(staged):
         "ids",
     ]
     assert steps[0]["in"] == stats["input_lines"] - stats["blank_lines"] and steps[-1]["out"] == stats["kept"]
-    for before, after in zip(steps, steps[1:]):
+    for before, after in pairwise(steps):
         assert after["in"] == before["out"], f"{after['step']} does not start where {before['step']} ended"
     for s in steps:
         assert s["in"] - s["out"] == sum(s["dropped"].values()), s
@@ -311,7 +312,9 @@ def test_operator_run_is_byte_identical_and_validates(corpus, staged, monkeypatc
         "spark.llmops.verify.localMaxBytes": "0",
         "spark.llmops.write.localPartsMaxRows": "0",  # the shuffle-and-sort write, as on a cluster
     }
-    op = SparkPrepareDataOperator(task_id="prepare", recipe_path=str(corpus.recipe), staging_dir=str(out), spark_conf=conf)
+    op = SparkPrepareDataOperator(
+        task_id="prepare", recipe_path=str(corpus.recipe), staging_dir=str(out), spark_conf=conf
+    )
     result = op.execute(_context())
 
     json.dumps(result)  # an XCom

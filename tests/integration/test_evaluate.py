@@ -42,8 +42,11 @@ def dataset_dir(tmp_path_factory) -> Path:
             docs.append(json.loads(line))
         except ValueError:
             pass
-    short = [{"id": x["id"], "text": x["text"]} for x in docs
-             if isinstance(x.get("text"), str) and 150 <= len(x["text"]) <= 800][:24]
+    short = [
+        {"id": x["id"], "text": x["text"]}
+        for x in docs
+        if isinstance(x.get("text"), str) and 150 <= len(x["text"]) <= 800
+    ][:24]
     (d / "test.jsonl").write_text("".join(json.dumps(x) + "\n" for x in short))
     return d
 
@@ -57,8 +60,9 @@ def store(monkeypatch, dataset_dir):
         calls.append((repo, commit))
         return dataset_dir if commit == COMMIT else dataset_dir.parent / f"missing-{commit}"
 
-    monkeypatch.setattr("llmops_provider.datasets.get_store", lambda name=None: SimpleNamespace(local_path=local_path),
-                        raising=False)
+    monkeypatch.setattr(
+        "llmops_provider.datasets.get_store", lambda name=None: SimpleNamespace(local_path=local_path), raising=False
+    )
     return calls
 
 
@@ -101,8 +105,13 @@ for name, shuffle in (("trained", False), ("shuffled", True)):
 @pytest.fixture(scope="module")
 def trained_models(tmp_path_factory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("trained")
-    subprocess.run([str(RUNTIME_PYTHON), "-c", _TRAIN, str(build_tiny_model(tmp_path_factory)), str(CORPUS), str(out)],
-                   check=True, timeout=600, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    subprocess.run(
+        [str(RUNTIME_PYTHON), "-c", _TRAIN, str(build_tiny_model(tmp_path_factory)), str(CORPUS), str(out)],
+        check=True,
+        timeout=600,
+        capture_output=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     return {"trained": out / "trained", "shuffled": out / "shuffled"}
 
 
@@ -130,7 +139,9 @@ def run_gate(recipe_path: str, name: str, model_version=None, event_version=None
     if event_version is not None:
         events = {Asset(f"llmops://{name}/model"): [SimpleNamespace(extra={"model_version": event_version})]}
     ctx = {"triggering_asset_events": events, "outlet_events": OutletEventAccessors()}
-    op = LMEvalGateOperator(task_id="evaluate", recipe_path=recipe_path, model_version=model_version, outlets=[approved])
+    op = LMEvalGateOperator(
+        task_id="evaluate", recipe_path=recipe_path, model_version=model_version, outlets=[approved]
+    )
     try:
         return op.execute(ctx), ctx["outlet_events"][approved].extra
     except Exception as exc:
@@ -140,11 +151,14 @@ def run_gate(recipe_path: str, name: str, model_version=None, event_version=None
 
 # --- tests ---------------------------------------------------------------------------------
 
+
 def test_gate_passes_with_generous_threshold(tmp_path, tmp_path_factory, mlflow_conn, store):
     from mlflow import MlflowClient
 
     name = "tiny-eval"
-    version, run_id = register_tiny_model(mlflow_conn, name, build_tiny_model(tmp_path_factory), {"dataset_commit": COMMIT})
+    version, run_id = register_tiny_model(
+        mlflow_conn, name, build_tiny_model(tmp_path_factory), {"dataset_commit": COMMIT}
+    )
     recipe = write_recipe(tmp_path / "r.yaml", name, "    perplexity: {max: 1.0e9}\n    bits_per_byte: {min: 0.0}\n")
 
     result, extra = run_gate(recipe, name, event_version=version)  # version from the triggering model event
@@ -170,10 +184,20 @@ def test_gate_passes_with_generous_threshold(tmp_path, tmp_path_factory, mlflow_
     assert run.data.tags["model_version"] == version and run.data.tags["dataset_commit"] == COMMIT
     assert run.data.metrics["perplexity"] == pytest.approx(result["metrics"]["perplexity"])
     assert {a.path for a in client.list_artifacts(result["eval_run_id"], "eval")} == {
-        "eval/report.json", "eval/report.md", "eval/report.html"}
+        "eval/report.json",
+        "eval/report.md",
+        "eval/report.html",
+    }
     # generated tasks beside perplexity, per-document scores kept, safety suite reported (no thresholds)
-    for metric in ("cloze_acc", "cloze_acc_norm", "rouge_l", "safety.refusal_rate", "safety.unsafe_rate",
-                   "safety.privacy.unsafe_rate", "safety.attack_jailbreak.refusal_rate"):
+    for metric in (
+        "cloze_acc",
+        "cloze_acc_norm",
+        "rouge_l",
+        "safety.refusal_rate",
+        "safety.unsafe_rate",
+        "safety.privacy.unsafe_rate",
+        "safety.attack_jailbreak.refusal_rate",
+    ):
         assert metric in result["metrics"], metric
     samples = json.loads((Path(result["report_path"]).parent / "samples-candidate.json").read_text())["samples"]
     assert len(samples["bits_per_byte"]) == 12 and samples["rouge_l"]
@@ -216,8 +240,9 @@ def test_job_crash_never_approves(tmp_path, tmp_path_factory, mlflow_conn, store
     from llmops_provider.operators.evaluation import EvalGateFailed
 
     name = "tiny-eval"
-    version, _ = register_tiny_model(mlflow_conn, name, build_tiny_model(tmp_path_factory), {"dataset_commit": "nosuch"},
-                                     alias=None)
+    version, _ = register_tiny_model(
+        mlflow_conn, name, build_tiny_model(tmp_path_factory), {"dataset_commit": "nosuch"}, alias=None
+    )
     recipe = write_recipe(tmp_path / "r.yaml", name, "    perplexity: {max: 1.0e9}\n")
 
     with pytest.raises(AirflowException, match="NOT approved") as err:
@@ -235,10 +260,13 @@ def test_degraded_candidate_is_rejected_and_an_equal_one_is_not(tmp_path, mlflow
 
     client = MlflowClient(mlflow_conn)
     name = "tiny-gate"
-    champion, _ = register_tiny_model(mlflow_conn, name, trained_models["trained"], {"dataset_commit": COMMIT}, alias=None)
+    champion, _ = register_tiny_model(
+        mlflow_conn, name, trained_models["trained"], {"dataset_commit": COMMIT}, alias=None
+    )
     client.set_registered_model_alias(name, "champion", champion)
-    recipe = write_recipe(tmp_path / "r.yaml", name, "    perplexity: {max: 1.0e9}\n", limit=24,
-                          extra="  safety: {enabled: false}\n")
+    recipe = write_recipe(
+        tmp_path / "r.yaml", name, "    perplexity: {max: 1.0e9}\n", limit=24, extra="  safety: {enabled: false}\n"
+    )
 
     equal, _ = register_tiny_model(mlflow_conn, name, trained_models["trained"], {"dataset_commit": COMMIT})
     result, extra = run_gate(recipe, name, model_version=equal)
@@ -273,7 +301,9 @@ def test_degraded_candidate_is_rejected_and_an_equal_one_is_not(tmp_path, mlflow
     run = client.get_run(result["eval_run_id"])
     assert run.data.metrics["bits_per_byte.ci_low"] > 0 and "champion.bits_per_byte" in run.data.metrics
     assert {a.path for a in client.list_artifacts(result["eval_run_id"], "samples")} == {
-        "samples/samples-candidate.json", "samples/samples-baseline.json"}
+        "samples/samples-candidate.json",
+        "samples/samples-baseline.json",
+    }
 
 
 def test_killed_eval_run_promotes_nothing(tmp_path, tmp_path_factory, mlflow_conn, store):
@@ -284,7 +314,9 @@ def test_killed_eval_run_promotes_nothing(tmp_path, tmp_path_factory, mlflow_con
     name = "tiny-killed"
     version, _ = register_tiny_model(mlflow_conn, name, build_tiny_model(tmp_path_factory), {"dataset_commit": COMMIT})
     # 3 seconds: the job is killed (process group, SIGTERM) while it is still loading
-    recipe = write_recipe(tmp_path / "r.yaml", name, "    perplexity: {max: 1.0e9}\n", extra="  timeout_minutes: 0.05\n")
+    recipe = write_recipe(
+        tmp_path / "r.yaml", name, "    perplexity: {max: 1.0e9}\n", extra="  timeout_minutes: 0.05\n"
+    )
     with pytest.raises(AirflowException, match="killed after 3 s .*NOT approved") as err:
         run_gate(recipe, name, model_version=version)
     assert err.value.outlet_extra == {}
@@ -320,19 +352,37 @@ def test_extra_tasks_load_local_data_or_say_how_to_fix(tmp_path):
     (user / "qa.jsonl").write_text(json.dumps({"q": "2 + 2 =", "choices": ["4", "5"], "gold": 0}) + "\n")
     mc = "output_type: multiple_choice\ndoc_to_text: q\ndoc_to_choice: choices\ndoc_to_target: gold\n"
     (user / "my_local_qa.yaml").write_text(
-        f"task: my_local_qa\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {json.dumps(str(user / 'qa.jsonl'))}\n"
-        f"test_split: test\n{mc}metric_list:\n  - metric: acc\n")
+        "task: my_local_qa\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {json.dumps(str(user / 'qa.jsonl'))}\n"
+        f"test_split: test\n{mc}metric_list:\n  - metric: acc\n"
+    )
     (user / "my_hub_qa.yaml").write_text(
-        f"task: my_hub_qa\ndataset_path: llmops-test/no-such-dataset\ntest_split: test\n{mc}metric_list:\n  - metric: acc\n")
+        "task: my_hub_qa\ndataset_path: llmops-test/no-such-dataset\ntest_split: test\n"
+        f"{mc}metric_list:\n  - metric: acc\n"
+    )
     generated = tmp_path / "generated"
     generated.mkdir()
-    spec = EvalJobSpec(recipe="r", model_name="m", model_version="1", mlflow_run_id="x", dataset_dir=str(tmp_path),
-                       thresholds={"perplexity": Threshold(max=1.0)}, output_dir=str(tmp_path),
-                       extra_tasks=["my_local_qa", "my_hub_qa"], task_dirs=[str(user)])
+    spec = EvalJobSpec(
+        recipe="r",
+        model_name="m",
+        model_version="1",
+        mlflow_run_id="x",
+        dataset_dir=str(tmp_path),
+        thresholds={"perplexity": Threshold(max=1.0)},
+        output_dir=str(tmp_path),
+        extra_tasks=["my_local_qa", "my_hub_qa"],
+        task_dirs=[str(user)],
+    )
     (tmp_path / "spec.json").write_text(spec.model_dump_json())
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "hf")}
-    out = subprocess.run([str(RUNTIME_PYTHON), "-c", _CHECK_TASKS, str(tmp_path / "spec.json"), str(generated)],
-                         capture_output=True, text=True, timeout=600, env=env, check=True)
+    out = subprocess.run(
+        [str(RUNTIME_PYTHON), "-c", _CHECK_TASKS, str(tmp_path / "spec.json"), str(generated)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        check=True,
+    )
     results = {r["task"]: r for r in map(json.loads, [x for x in out.stdout.splitlines() if x.startswith("{")])}
     assert results["my_local_qa"]["ok"], results["my_local_qa"]
     hub = results["my_hub_qa"]
@@ -345,9 +395,14 @@ def test_resource_benchmark_serves_the_candidate_with_vllm(tmp_path, tmp_path_fa
 
     name = "tiny-resources"
     version, _ = register_tiny_model(mlflow_conn, name, build_tiny_model(tmp_path_factory), {"dataset_commit": COMMIT})
-    recipe = write_recipe(tmp_path / "r.yaml", name, "    perplexity: {max: 1.0e9}\n    resources.peak_rss_mb: {min: 1.0}\n",
-                          limit=4, extra="  tasks: [perplexity]\n  regression: {enabled: false}\n  safety: {enabled: false}\n"
-                          "  resources: {enabled: true, requests: 4, concurrency: 2, max_tokens: 8}\n")
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        name,
+        "    perplexity: {max: 1.0e9}\n    resources.peak_rss_mb: {min: 1.0}\n",
+        limit=4,
+        extra="  tasks: [perplexity]\n  regression: {enabled: false}\n  safety: {enabled: false}\n"
+        "  resources: {enabled: true, requests: 4, concurrency: 2, max_tokens: 8}\n",
+    )
     result, _ = run_gate(recipe, name, model_version=version)
     m = result["metrics"]
     assert m["resources.requests"] == 4 and m["resources.throughput_tok_s"] > 0 and m["resources.peak_rss_mb"] > 100

@@ -38,7 +38,9 @@ from airflow.configuration import conf
 from airflow.models.dagrun import DagRun
 from airflow.observability.metrics import stats_utils
 
-stats.initialize(factory=stats_utils.get_stats_factory(), export_legacy_names=conf.getboolean("metrics", "legacy_names_on"))
+stats.initialize(
+    factory=stats_utils.get_stats_factory(), export_legacy_names=conf.getboolean("metrics", "legacy_names_on")
+)
 batch = int(sys.argv[1])
 stats.incr("scheduler_heartbeat", 1, 1)
 start = dt.datetime(2026, 11, 28, tzinfo=dt.timezone.utc)

@@ -159,7 +159,7 @@ async def next_event(gen, timeout: float):
     """The generator's next event, or None if it yields nothing within ``timeout`` (then it is closed)."""
     try:
         return await asyncio.wait_for(gen.asend(None), timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         return None
 
 
@@ -375,10 +375,10 @@ def test_cost_record_from_mlflow_runs_and_prometheus(vllm, prom_conn, mlflow_con
 
     from llmops_provider.operators.monitoring import CostReportOperator
 
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     if (now - now.replace(hour=0, minute=0, second=0, microsecond=0)).total_seconds() < 120:
         time.sleep(120)  # the record is per UTC day: let the runs below fall inside today
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
     ms = int(now.timestamp() * 1000)
     client = MlflowClient(mlflow_conn)
     exp = client.create_experiment(f"cost-{zlib.crc32(str(tmp_path).encode())}")

@@ -37,7 +37,7 @@ class _Histogram:
         self.sum += value
 
     def lines(self, name: str, labels: str) -> list[str]:
-        out = [f'{name}_bucket{{{labels},le="{b}"}} {c}' for b, c in zip(BUCKETS, self.counts)]
+        out = [f'{name}_bucket{{{labels},le="{b}"}} {c}' for b, c in zip(BUCKETS, self.counts, strict=True)]
         out.append(f'{name}_bucket{{{labels},le="+Inf"}} {self.total}')
         out += [f"{name}_count{{{labels}}} {self.total}", f"{name}_sum{{{labels}}} {self.sum}"]
         return out

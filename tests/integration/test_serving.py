@@ -47,7 +47,8 @@ def write_recipe(path: Path, port: int, **deployment: str) -> str:
     path.write_text(
         f"name: {NAME}\n"
         "data:\n  sources: [{path: /nonexistent}]\n  dataset_repo: tiny-corpus\n"
-        f"deployment:\n  port: {port}\n  max_model_len: 256\n  startup_timeout_s: 900\n  smoke_prompt: Return a list of\n"
+        f"deployment:\n  port: {port}\n  max_model_len: 256\n  startup_timeout_s: 900\n"
+        "  smoke_prompt: Return a list of\n"
         # eager mode: no torch.compile warm-up, so three starts on a busy 2-core machine stay short
         "  extra_args: [--enforce-eager]\n"
         f"{extra}"

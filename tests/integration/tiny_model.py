@@ -29,7 +29,9 @@ tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
 tok.decoder = decoders.ByteLevel()
 tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=500, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
                                                    initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
+fast = PreTrainedTokenizerFast(
+    tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+)
 torch.manual_seed(0)
 cfg = LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=4, head_dim=32, max_position_embeddings=256,
@@ -45,15 +47,17 @@ def build_tiny_model(tmp_path_factory) -> Path:
     """The tiny model directory, built once per session (both test modules share it)."""
     if "dir" not in _built:
         out = tmp_path_factory.mktemp("tiny-model") / "merged"
-        subprocess.run([str(RUNTIME_PYTHON), "-c", _BUILD, str(out), str(CORPUS)], check=True, timeout=300,
-                       capture_output=True)
+        subprocess.run(
+            [str(RUNTIME_PYTHON), "-c", _BUILD, str(out), str(CORPUS)], check=True, timeout=300, capture_output=True
+        )
         assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
         _built["dir"] = out
     return _built["dir"]
 
 
-def register_tiny_model(tracking_uri: str, name: str, model_dir: Path, tags: dict[str, str],
-                        alias: str | None = "challenger") -> tuple[str, str]:
+def register_tiny_model(
+    tracking_uri: str, name: str, model_dir: Path, tags: dict[str, str], alias: str | None = "challenger"
+) -> tuple[str, str]:
     """Log ``model_dir`` under ``MODEL_ARTIFACT_PATH`` of a new run and register it: (version, run_id)."""
     import mlflow
     from mlflow import MlflowClient
@@ -68,10 +72,9 @@ def register_tiny_model(tracking_uri: str, name: str, model_dir: Path, tags: dic
         client.create_registered_model(name)
     except Exception:  # noqa: BLE001 - already registered by an earlier test
         pass
-    mv = client.create_model_version(name, source=f"{run.info.artifact_uri}/model", run_id=run_id,
-                                     tags={"mlflow_run_id": run_id, **tags})
+    mv = client.create_model_version(
+        name, source=f"{run.info.artifact_uri}/model", run_id=run_id, tags={"mlflow_run_id": run_id, **tags}
+    )
     if alias:
         client.set_registered_model_alias(name, alias, mv.version)
     return str(mv.version), run_id
-
-

@@ -105,9 +105,17 @@ class CommitRec:
         return digest.hexdigest()
 
     def to_json(self) -> dict:
-        return {"id": self.id, "parents": self.parents, "committer": self.committer, "message": self.message,
-                "creation_date": self.creation_date, "meta_range_id": self.meta_range_id,
-                "metadata": self.metadata, "generation": self.generation, "version": 1}
+        return {
+            "id": self.id,
+            "parents": self.parents,
+            "committer": self.committer,
+            "message": self.message,
+            "creation_date": self.creation_date,
+            "meta_range_id": self.meta_range_id,
+            "metadata": self.metadata,
+            "generation": self.generation,
+            "version": 1,
+        }
 
 
 @dataclass
@@ -127,8 +135,12 @@ def _paginate(items: list, key, after: str | None, amount: int | None) -> tuple[
     if after:
         items = [i for i in items if key(i) > after]
     page, more = items[:amount], len(items) > amount
-    return page, {"has_more": more, "next_offset": key(page[-1]) if more and page else "",
-                  "results": len(page), "max_per_page": amount}
+    return page, {
+        "has_more": more,
+        "next_offset": key(page[-1]) if more and page else "",
+        "results": len(page),
+        "max_per_page": amount,
+    }
 
 
 class LakeFSContractServer:
@@ -241,9 +253,16 @@ class LakeFSContractServer:
 
     @staticmethod
     def _stats(path: str, data: bytes) -> dict:
-        return {"path": path, "path_type": "object", "physical_address": f"mem://data/{hashlib.md5(data).hexdigest()}",
-                "checksum": hashlib.md5(data).hexdigest(), "size_bytes": len(data), "mtime": int(time.time()),
-                "content_type": "application/octet-stream", "metadata": {}}
+        return {
+            "path": path,
+            "path_type": "object",
+            "physical_address": f"mem://data/{hashlib.md5(data).hexdigest()}",
+            "checksum": hashlib.md5(data).hexdigest(),
+            "size_bytes": len(data),
+            "mtime": int(time.time()),
+            "content_type": "application/octet-stream",
+            "metadata": {},
+        }
 
     # -- handlers: each returns (status, json body | bytes | str | None) ------------------
     def healthCheck(self, req):
@@ -257,8 +276,13 @@ class LakeFSContractServer:
         return 201, self._repo_json(repo)
 
     def _repo_json(self, repo: RepoRec) -> dict:
-        return {"id": repo.name, "creation_date": repo.created, "default_branch": repo.default_branch,
-                "storage_namespace": repo.storage_namespace, "read_only": False}
+        return {
+            "id": repo.name,
+            "creation_date": repo.created,
+            "default_branch": repo.default_branch,
+            "storage_namespace": repo.storage_namespace,
+            "read_only": False,
+        }
 
     def getRepository(self, req, repository):
         return 200, self._repo_json(self._repo(repository))
@@ -329,13 +353,19 @@ class LakeFSContractServer:
         after = req.args.get("after")
         if after:  # 'after' is the last id of the previous page, in log order
             ids = [c.id for c in chain]
-            chain = chain[ids.index(after) + 1:] if after in ids else []
+            chain = chain[ids.index(after) + 1 :] if after in ids else []
         amount = int(req.args.get("amount", 100))
         amount = 100 if amount == -1 else amount
         page, more = chain[:amount], len(chain) > amount
-        return 200, {"pagination": {"has_more": more, "next_offset": page[-1].id if more else "",
-                                    "results": len(page), "max_per_page": amount},
-                     "results": [c.to_json() for c in page]}
+        return 200, {
+            "pagination": {
+                "has_more": more,
+                "next_offset": page[-1].id if more else "",
+                "results": len(page),
+                "max_per_page": amount,
+            },
+            "results": [c.to_json() for c in page],
+        }
 
     def mergeIntoBranch(self, req, repository, sourceRef, destinationBranch):
         repo = self._repo(repository)
@@ -386,8 +416,9 @@ class LakeFSContractServer:
                 continue
             kind = "added" if a is None else "removed" if b is None else "changed"
             diffs.append({"type": kind, "path": path, "path_type": "object", "size_bytes": len(b or a or b"")})
-        page, pagination = _paginate(diffs, lambda d: d["path"], req.args.get("after"),
-                                     int(req.args.get("amount", 100)))
+        page, pagination = _paginate(
+            diffs, lambda d: d["path"], req.args.get("after"), int(req.args.get("amount", 100))
+        )
         return 200, {"pagination": pagination, "results": page}
 
     def listObjects(self, req, repository, ref):
@@ -395,8 +426,9 @@ class LakeFSContractServer:
         tree = self._tree(repo, ref)
         prefix = req.args.get("prefix", "")
         items = [self._stats(p, tree[p]) for p in sorted(tree) if p.startswith(prefix)]
-        page, pagination = _paginate(items, lambda s: s["path"], req.args.get("after"),
-                                     int(req.args.get("amount", 100)))
+        page, pagination = _paginate(
+            items, lambda s: s["path"], req.args.get("after"), int(req.args.get("amount", 100))
+        )
         return 200, {"pagination": pagination, "results": page}
 
     def statObject(self, req, repository, ref):
@@ -485,8 +517,12 @@ class LakeFSContractServer:
         if body is None:
             return Response(status=status)
         if isinstance(body, bytes):
-            return Response(body, status=status, mimetype="application/octet-stream",
-                            headers={"ETag": hashlib.md5(body).hexdigest()})
+            return Response(
+                body,
+                status=status,
+                mimetype="application/octet-stream",
+                headers={"ETag": hashlib.md5(body).hexdigest()},
+            )
         if isinstance(body, str):
             return Response(body, status=status, mimetype="text/html")
         return Response(json.dumps(body), status=status, mimetype="application/json")
@@ -499,6 +535,8 @@ def _flag(value: str | None) -> bool:
 
 def _describe(exc: Exception) -> str:
     parts = [f"{type(exc).__name__}: {exc}"]
-    for sub in getattr(exc, "schema_errors", None) or getattr(getattr(exc, "__cause__", None), "schema_errors", None) or ():
+    for sub in (
+        getattr(exc, "schema_errors", None) or getattr(getattr(exc, "__cause__", None), "schema_errors", None) or ()
+    ):
         parts.append(f"  - {getattr(sub, 'message', sub)}")
     return "\n".join(parts)

@@ -12,8 +12,19 @@ import yaml
 pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[2]
 DAGS = ROOT / "dags"
-HEAVY = ["torch", "pyspark", "mlflow", "great_expectations", "kubernetes", "lakefs_sdk", "lm_eval", "vllm",
-         "transformers", "deepspeed", "peft"]
+HEAVY = [
+    "torch",
+    "pyspark",
+    "mlflow",
+    "great_expectations",
+    "kubernetes",
+    "lakefs_sdk",
+    "lm_eval",
+    "vllm",
+    "transformers",
+    "deepspeed",
+    "peft",
+]
 STAGES = ["data", "train", "evaluate", "deploy", "monitor"]
 
 
@@ -49,7 +60,9 @@ def test_stages_are_linked_by_assets(dagbag):
     assert uris(train.get_task("train").outlets) == {"llmops://tiny-llama/model"}
     assert uris(dagbag.dags["tiny-llama_evaluate"].get_task("evaluate").outlets) == {"llmops://tiny-llama/approved"}
     assert uris(dagbag.dags["tiny-llama_deploy"].get_task("deploy").outlets) == {"llmops://tiny-llama/deployment"}
-    assert uris(dagbag.dags["tiny-llama_monitor"].get_task("request_retrain").outlets) == {"llmops://tiny-llama/retrain"}
+    assert uris(dagbag.dags["tiny-llama_monitor"].get_task("request_retrain").outlets) == {
+        "llmops://tiny-llama/retrain"
+    }
     # the data DAG runs nightly OR when the monitor asks for a retrain
     data_tt = dagbag.dags["tiny-llama_data"].timetable
     assert "llmops://tiny-llama/retrain" in str(data_tt.asset_condition)

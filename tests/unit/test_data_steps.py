@@ -334,7 +334,12 @@ def test_lsh_components_are_the_connected_components_labelled_by_their_smallest_
     # 10-20-30 is a chain given out of order, 7-8 a pair, 40 links to 30 through a long id
     ids, labels = minhash.components(np.array([30, 8, 20, 1 << 60]), np.array([20, 7, 10, 30]))
     assert dict(zip(ids.tolist(), labels.tolist(), strict=True)) == {
-        7: 7, 8: 7, 10: 10, 20: 10, 30: 10, 1 << 60: 10,
+        7: 7,
+        8: 7,
+        10: 10,
+        20: 10,
+        30: 10,
+        1 << 60: 10,
     }
 
 

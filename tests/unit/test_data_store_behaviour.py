@@ -26,8 +26,15 @@ META = {"airflow_dag_id": "tiny-llama_data", "airflow_run_id": "manual__1", "air
 
 
 def make_tree(root: Path, train: str = "a", **extra: str) -> Path:
-    files = {"train.jsonl": json.dumps({"id": "1", "text": train}) + "\n", "validation.jsonl": "v\n",
-             "test.jsonl": "t\n", "quarantine.jsonl": "", "excluded.jsonl": "", "stats.json": "{}", **extra}  # fmt: skip
+    files = {
+        "train.jsonl": json.dumps({"id": "1", "text": train}) + "\n",
+        "validation.jsonl": "v\n",
+        "test.jsonl": "t\n",
+        "quarantine.jsonl": "",
+        "excluded.jsonl": "",
+        "stats.json": "{}",
+        **extra,
+    }
     for name, text in files.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_text(text)

@@ -22,14 +22,26 @@ from llmops_provider.datasets.local import LocalDatasetStore
 
 pytestmark = pytest.mark.unit
 
-META = {"airflow_dag_id": "tiny-llama_data", "airflow_run_id": "manual__1", "airflow_try_number": "1",
-        "recipe_fingerprint": "abc123", "stats": {"kept": 3}, "spark_app_id": "local-1"}
+META = {
+    "airflow_dag_id": "tiny-llama_data",
+    "airflow_run_id": "manual__1",
+    "airflow_try_number": "1",
+    "recipe_fingerprint": "abc123",
+    "stats": {"kept": 3},
+    "spark_app_id": "local-1",
+}
 
 
 def make_tree(root: Path, train: str = "a", **extra: str) -> Path:
     root.mkdir(parents=True, exist_ok=True)
-    files = {"train.jsonl": json.dumps({"id": "1", "text": train}) + "\n", "validation.jsonl": "", "test.jsonl": "",
-             "quarantine.jsonl": "", "stats.json": "{}", **extra}
+    files = {
+        "train.jsonl": json.dumps({"id": "1", "text": train}) + "\n",
+        "validation.jsonl": "",
+        "test.jsonl": "",
+        "quarantine.jsonl": "",
+        "stats.json": "{}",
+        **extra,
+    }
     for name, text in files.items():
         (root / name).write_text(text)
     return root
@@ -52,8 +64,13 @@ def test_commit_stores_files_metadata_and_moves_head(store, tmp_path):
     assert store.head("corpus", "main").commit_id == info.commit_id
     assert store.get("corpus", info.commit_id).metadata["spark_app_id"] == "local-1"
     path = store.local_path("corpus", info.commit_id)
-    assert sorted(p.name for p in path.iterdir()) == ["quarantine.jsonl", "stats.json", "test.jsonl", "train.jsonl",
-                                                       "validation.jsonl"]  # '_' files are run-local
+    assert sorted(p.name for p in path.iterdir()) == [
+        "quarantine.jsonl",
+        "stats.json",
+        "test.jsonl",
+        "train.jsonl",
+        "validation.jsonl",
+    ]  # '_' files are run-local
     assert (path / "train.jsonl").read_text() == (src / "train.jsonl").read_text()
     assert not (path / "train.jsonl").stat().st_mode & 0o222, "a committed version is read-only"
 
@@ -61,8 +78,9 @@ def test_commit_stores_files_metadata_and_moves_head(store, tmp_path):
 def test_recommit_of_identical_tree_returns_head_unchanged(store, tmp_path):
     first = store.commit("corpus", "main", make_tree(tmp_path / "a"), META)
     # another run: same data, different provenance files and metadata
-    again = store.commit("corpus", "main", make_tree(tmp_path / "b", **{"_job.json": "other"}),
-                         {**META, "airflow_run_id": "manual__2"})
+    again = store.commit(
+        "corpus", "main", make_tree(tmp_path / "b", **{"_job.json": "other"}), {**META, "airflow_run_id": "manual__2"}
+    )
 
     assert again.created is False
     assert again.commit_id == first.commit_id
@@ -146,7 +164,9 @@ def test_concurrent_commits_serialize_into_one_chain(store, tmp_path):
     assert chain[-1].parent is None
 
 
-@pytest.mark.parametrize(("repo", "branch", "match"), [("Bad_Repo", "main", "dataset_repo"), ("corpus", "a/b", "data.branch")])
+@pytest.mark.parametrize(
+    ("repo", "branch", "match"), [("Bad_Repo", "main", "dataset_repo"), ("corpus", "a/b", "data.branch")]
+)
 def test_invalid_names_name_the_recipe_field(store, tmp_path, repo, branch, match):
     with pytest.raises(DatasetStoreError, match=match):
         store.commit(repo, branch, make_tree(tmp_path / "a"), META)
@@ -180,8 +200,12 @@ def test_get_store_follows_config(monkeypatch, tmp_path):
 def test_lakefs_hook_builds_client_from_connection(monkeypatch):
     from llmops_provider.hooks.lakefs import DEFAULT_TIMEOUT, LakeFSHook
 
-    monkeypatch.setenv("AIRFLOW_CONN_LAKEFS_DEFAULT", json.dumps(
-        {"conn_type": "llmops_lakefs", "host": "https://lakefs.example.com", "login": "AKIA", "password": "s3cr3t"}))
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_LAKEFS_DEFAULT",
+        json.dumps(
+            {"conn_type": "llmops_lakefs", "host": "https://lakefs.example.com", "login": "AKIA", "password": "s3cr3t"}
+        ),
+    )
     hook = LakeFSHook()
     assert hook.endpoint() == "https://lakefs.example.com/api/v1"
     assert hook.request_timeout == DEFAULT_TIMEOUT
@@ -189,7 +213,11 @@ def test_lakefs_hook_builds_client_from_connection(monkeypatch):
     assert client.configuration.host == "https://lakefs.example.com/api/v1"
     assert client.configuration.username == "AKIA" and client.configuration.password == "s3cr3t"
     behaviour = LakeFSHook.get_ui_field_behaviour()
-    assert behaviour["relabeling"] == {"host": "Endpoint URL", "login": "Access key ID", "password": "Secret access key"}
+    assert behaviour["relabeling"] == {
+        "host": "Endpoint URL",
+        "login": "Access key ID",
+        "password": "Secret access key",
+    }
     assert isinstance(LakeFSHook.get_connection_form_widgets(), dict)
 
 
@@ -201,9 +229,18 @@ def test_lakefs_test_connection_times_out_instead_of_hanging(monkeypatch):
     silent.listen(1)
     try:
         port = silent.getsockname()[1]
-        monkeypatch.setenv("AIRFLOW_CONN_LAKEFS_DEFAULT", json.dumps(
-            {"conn_type": "llmops_lakefs", "host": f"http://127.0.0.1:{port}", "login": "k", "password": "s",
-             "extra": {"request_timeout": "1,1"}}))
+        monkeypatch.setenv(
+            "AIRFLOW_CONN_LAKEFS_DEFAULT",
+            json.dumps(
+                {
+                    "conn_type": "llmops_lakefs",
+                    "host": f"http://127.0.0.1:{port}",
+                    "login": "k",
+                    "password": "s",
+                    "extra": {"request_timeout": "1,1"},
+                }
+            ),
+        )
         hook = LakeFSHook()
         assert hook.request_timeout == (1.0, 1.0)
         started = time.monotonic()

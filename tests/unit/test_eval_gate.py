@@ -24,7 +24,9 @@ def T(**kw) -> Threshold:
 
 
 def test_within_bounds_passes():
-    failures = apply_thresholds({"perplexity": 500.0, "acc": 0.7}, {"perplexity": T(max=1000), "acc": T(min=0.5, max=1)})
+    failures = apply_thresholds(
+        {"perplexity": 500.0, "acc": 0.7}, {"perplexity": T(max=1000), "acc": T(min=0.5, max=1)}
+    )
     assert failures == []
     assert verdict_of(failures) == "passed"
 
@@ -72,8 +74,15 @@ def test_threshold_needs_a_bound():
 
 
 def test_spec_roundtrip_and_defaults(tmp_path):
-    spec = EvalJobSpec(recipe="r-1", model_name="r-1", model_version="3", mlflow_run_id="abc", dataset_dir=str(tmp_path),
-                       thresholds={"perplexity": T(max=10)}, output_dir=str(tmp_path / "out"))
+    spec = EvalJobSpec(
+        recipe="r-1",
+        model_name="r-1",
+        model_version="3",
+        mlflow_run_id="abc",
+        dataset_dir=str(tmp_path),
+        thresholds={"perplexity": T(max=10)},
+        output_dir=str(tmp_path / "out"),
+    )
     again = EvalJobSpec.model_validate_json(spec.model_dump_json())
     assert again == spec
     assert again.artifact_path == MERGED_ARTIFACT_PATH == "model/merged"
@@ -83,14 +92,31 @@ def test_spec_roundtrip_and_defaults(tmp_path):
 
 
 def test_result_shape_matches_the_xcom_contract():
-    result = EvalResult(model_name="m", model_version="1", eval_run_id="e", verdict="passed", metrics={"perplexity": 2.0},
-                        thresholds={"perplexity": {"min": None, "max": 10.0}}, report_path="/r.json")
+    result = EvalResult(
+        model_name="m",
+        model_version="1",
+        eval_run_id="e",
+        verdict="passed",
+        metrics={"perplexity": 2.0},
+        thresholds={"perplexity": {"min": None, "max": 10.0}},
+        report_path="/r.json",
+    )
     dumped = result.model_dump(mode="json")
-    for key in ("model_name", "model_version", "eval_run_id", "verdict", "metrics", "thresholds", "report_path", "failures"):
+    for key in (
+        "model_name",
+        "model_version",
+        "eval_run_id",
+        "verdict",
+        "metrics",
+        "thresholds",
+        "report_path",
+        "failures",
+    ):
         assert key in dumped
 
 
 # --- operator-side resolution (Airflow imported, nothing started) --------------------------------
+
 
 def test_triggering_extra_picks_newest_event_of_the_right_asset():
     from llmops_provider.compat import Asset
@@ -98,7 +124,10 @@ def test_triggering_extra_picks_newest_event_of_the_right_asset():
 
     events = {
         Asset("llmops://r-1/dataset"): [SimpleNamespace(extra={"model_version": "9"})],
-        Asset("llmops://r-1/model"): [SimpleNamespace(extra={"model_version": "1"}), SimpleNamespace(extra={"model_version": "2"})],
+        Asset("llmops://r-1/model"): [
+            SimpleNamespace(extra={"model_version": "1"}),
+            SimpleNamespace(extra={"model_version": "2"}),
+        ],
     }
     assert triggering_extra({"triggering_asset_events": events}, "llmops://r-1/model") == {"model_version": "2"}
     assert triggering_extra({}, "llmops://r-1/model") == {}
@@ -136,7 +165,9 @@ def test_deploy_refuses_a_version_that_did_not_pass(tmp_path, monkeypatch):
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text("name: r-one\ndata:\n  sources: [{path: /x}]\n")
-    client = SimpleNamespace(get_model_version=lambda n, v: SimpleNamespace(version=v, run_id="run", tags={"eval_verdict": "failed"}))
+    client = SimpleNamespace(
+        get_model_version=lambda n, v: SimpleNamespace(version=v, run_id="run", tags={"eval_verdict": "failed"})
+    )
     monkeypatch.setattr("llmops_provider.hooks.mlflow.MLflowHook.get_client", lambda self: client)
     op = deployment.VLLMDeployOperator(task_id="deploy", recipe_path=str(recipe), model_version="2")
     with pytest.raises(AirflowFailException, match="refusing to deploy r-one v2"):
@@ -148,7 +179,8 @@ def test_operator_modules_import_light():
     import sys
 
     code = (
-        "import sys, llmops_provider.operators.evaluation, llmops_provider.operators.deployment, llmops_provider.hooks.vllm\n"
+        "import sys, llmops_provider.operators.evaluation, llmops_provider.operators.deployment\n"
+        "import llmops_provider.hooks.vllm\n"
         "heavy = [m for m in ('torch', 'mlflow', 'lm_eval', 'vllm', 'transformers') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )
@@ -157,23 +189,39 @@ def test_operator_modules_import_light():
 
 # --- the HTML report, the recipe policy, the approval DAG ------------------------------------
 
+
 def _report_body() -> dict:
     from llmops_provider.evaluation.bootstrap import compare
 
     champ = {"a": (0.5, 1.0), "b": (0.5, 1.0), "c": (0.25, 1.0)}
-    worse = compare("rouge_l", {"a": (0.1, 1.0), "b": (0.2, 1.0), "c": (0.0, 1.0)}, champ, direction="higher",
-                    iterations=200)
+    worse = compare(
+        "rouge_l", {"a": (0.1, 1.0), "b": (0.2, 1.0), "c": (0.0, 1.0)}, champ, direction="higher", iterations=200
+    )
     same = compare("bits_per_byte", {"a": (4.0, 1.0)}, {"a": (4.0, 1.0)}, direction="lower", iterations=200)
     return {
-        "model_name": "m<x>", "model_version": "7", "verdict": "failed", "baseline_version": "6",
-        "baseline_alias": "champion", "dataset_repo": "corpus", "dataset_commit": "abc", "n_docs": 3,
-        "metrics": {"perplexity": 420.0, "rouge_l": worse.candidate, "bits_per_byte": 4.0, "safety.refusal_rate": 0.0,
-                    "safety.weapons.refusal_rate": 0.0, "safety.weapons.unsafe_rate": 0.5},
+        "model_name": "m<x>",
+        "model_version": "7",
+        "verdict": "failed",
+        "baseline_version": "6",
+        "baseline_alias": "champion",
+        "dataset_repo": "corpus",
+        "dataset_commit": "abc",
+        "n_docs": 3,
+        "metrics": {
+            "perplexity": 420.0,
+            "rouge_l": worse.candidate,
+            "bits_per_byte": 4.0,
+            "safety.refusal_rate": 0.0,
+            "safety.weapons.refusal_rate": 0.0,
+            "safety.weapons.unsafe_rate": 0.5,
+        },
         "baseline_metrics": {"rouge_l": worse.champion, "bits_per_byte": 4.0},
         "thresholds": {"perplexity": {"min": None, "max": 1000.0}, "cloze_acc": {"min": 0.3, "max": None}},
         "comparisons": [worse.model_dump(), same.model_dump()],
-        "failures": [{"metric": "cloze_acc", "value": None, "reason": "metric 'cloze_acc' missing from the results"},
-                     {"metric": "rouge_l", "value": worse.candidate, "reason": "regression vs champion: " + worse.describe()}],
+        "failures": [
+            {"metric": "cloze_acc", "value": None, "reason": "metric 'cloze_acc' missing from the results"},
+            {"metric": "rouge_l", "value": worse.candidate, "reason": "regression vs champion: " + worse.describe()},
+        ],
         "safety": {"prompt_set": "llmops-redteam", "version": "1.0", "rows": [{}, {}]},
     }
 

@@ -52,7 +52,7 @@ class TestStore:
     def test_negative_rate_over_window(self):
         old = {**rec(0, -1), "ts": "2026-01-01T00:00:00Z"}
         records = [rec(1, 1), rec(2, -1), rec(3, None, flag="unsafe"), rec(4, 0), old]
-        since = dt.datetime(2026, 11, 1, tzinfo=dt.timezone.utc)
+        since = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
         assert feedback.negative_rate(records, since) == (0.5, 4)
         assert feedback.negative_rate(records) == (0.6, 5)
         assert feedback.negative_rate([], since) == (None, 0)

@@ -31,14 +31,26 @@ from llmops_provider.datasets.lakefs import (
 
 pytestmark = pytest.mark.unit
 
-META = {"airflow_dag_id": "tiny-llama_data", "airflow_run_id": "manual__2024-05-01T00:00:00+00:00",
-        "airflow_try_number": "1", "recipe_fingerprint": "abc123", "stats": {"kept": 3, "splits": [1, 2]},
-        "spark_app_id": "local-1", "validation": None}
+META = {
+    "airflow_dag_id": "tiny-llama_data",
+    "airflow_run_id": "manual__2024-05-01T00:00:00+00:00",
+    "airflow_try_number": "1",
+    "recipe_fingerprint": "abc123",
+    "stats": {"kept": 3, "splits": [1, 2]},
+    "spark_app_id": "local-1",
+    "validation": None,
+}
 
 
 def make_tree(root: Path, train: str = "a", **extra: str | bytes) -> Path:
-    files = {"train.jsonl": json.dumps({"id": "1", "text": train}) + "\n", "validation.jsonl": "", "test.jsonl": "",
-             "quarantine.jsonl": "", "stats.json": "{}", **extra}
+    files = {
+        "train.jsonl": json.dumps({"id": "1", "text": train}) + "\n",
+        "validation.jsonl": "",
+        "test.jsonl": "",
+        "quarantine.jsonl": "",
+        "stats.json": "{}",
+        **extra,
+    }
     for name, content in files.items():
         path = root / name
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -56,9 +68,18 @@ def lakefs():
 
 
 def connect(monkeypatch, server: LakeFSContractServer, timeout: str = "2,2", **extra) -> None:
-    monkeypatch.setenv("AIRFLOW_CONN_LAKEFS_DEFAULT", json.dumps({
-        "conn_type": "llmops_lakefs", "host": server.url, "login": "AKIATEST", "password": "s3cr3t",
-        "extra": {"request_timeout": timeout, **extra}}))
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_LAKEFS_DEFAULT",
+        json.dumps(
+            {
+                "conn_type": "llmops_lakefs",
+                "host": server.url,
+                "login": "AKIATEST",
+                "password": "s3cr3t",
+                "extra": {"request_timeout": timeout, **extra},
+            }
+        ),
+    )
 
 
 @pytest.fixture
@@ -92,8 +113,9 @@ def test_first_commit_publishes_through_a_wap_branch_with_metadata(store, lakefs
     assert merge.metadata["stats"] == json.dumps(META["stats"], sort_keys=True)
     assert merge.metadata["airflow_run_id"] == META["airflow_run_id"], "strings stay readable in the UI"
     assert wap_commit.metadata["llmops_tree_hash"] == info.tree_hash
-    assert sorted(merge.tree) == [f"dataset/{n}" for n in
-                                  ("quarantine.jsonl", "stats.json", "test.jsonl", "train.jsonl", "validation.jsonl")]
+    assert sorted(merge.tree) == [
+        f"dataset/{n}" for n in ("quarantine.jsonl", "stats.json", "test.jsonl", "train.jsonl", "validation.jsonl")
+    ]
     assert list(repo.branches) == ["main"], "the published WAP branch is deleted"
     ops = [op for op, _ in lakefs.calls]
     assert ops.index("commit") < ops.index("mergeIntoBranch"), "merge only after upload + commit"
@@ -110,8 +132,9 @@ def test_recommit_of_identical_data_creates_nothing(store, lakefs, tmp_path):
     commits_before = len(lakefs.repos["corpus"].commits)
     lakefs.calls.clear()
 
-    again = store.commit("corpus", "main", make_tree(tmp_path / "b", **{"_job.json": "other"}),
-                         {**META, "airflow_run_id": "manual__2"})
+    again = store.commit(
+        "corpus", "main", make_tree(tmp_path / "b", **{"_job.json": "other"}), {**META, "airflow_run_id": "manual__2"}
+    )
 
     assert again.created is False and again.commit_id == first.commit_id
     assert again.metadata["airflow_run_id"] == META["airflow_run_id"], "the head keeps the run that created it"
@@ -123,8 +146,9 @@ def test_recommit_of_identical_data_creates_nothing(store, lakefs, tmp_path):
 def test_identical_tree_under_a_foreign_head_is_detected_by_diff(store, lakefs, tmp_path):
     src = make_tree(tmp_path / "a")
     repo = lakefs.repos["corpus"]  # someone committed the same files with lakectl: no llmops metadata
-    foreign = lakefs._new_commit(repo, [main_head(lakefs)], "manual upload", {},
-                                 {f"dataset/{p.name}": p.read_bytes() for p in src.iterdir()})
+    foreign = lakefs._new_commit(
+        repo, [main_head(lakefs)], "manual upload", {}, {f"dataset/{p.name}": p.read_bytes() for p in src.iterdir()}
+    )
     repo.branches["main"] = foreign.id
 
     info = store.commit("corpus", "main", src, META)
@@ -250,8 +274,10 @@ def test_connection_refused_is_retried_then_fails_fast(monkeypatch, tmp_path):
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     sock.close()  # nothing listens there now
-    monkeypatch.setenv("AIRFLOW_CONN_LAKEFS_DEFAULT", json.dumps(
-        {"conn_type": "llmops_lakefs", "host": f"http://127.0.0.1:{port}", "login": "k", "password": "s"}))
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_LAKEFS_DEFAULT",
+        json.dumps({"conn_type": "llmops_lakefs", "host": f"http://127.0.0.1:{port}", "login": "k", "password": "s"}),
+    )
     sleeps: list[float] = []
     store = LakeFSDatasetStore.from_hook(cache_dir=tmp_path, retries=2, backoff=0.1, sleep=sleeps.append)
     with pytest.raises(LakeFSCallError, match="after 3 attempts"):
@@ -308,6 +334,7 @@ def test_metadata_codec_and_wap_branch_names():
     assert name != wap_branch_name(META, "exp", "d" * 64)
     assert name.startswith("wap-manual__2024-05-01T00-00-00-00-00-")
     import re
+
     assert re.fullmatch(r"\w[-\w]*", name)
 
 
@@ -317,9 +344,14 @@ def test_contract_server_rejects_requests_off_the_spec(lakefs):
     import urllib.request
 
     request = urllib.request.Request(
-        f"{lakefs.url}/api/v1/repositories/corpus/branches", data=b'{"name": "x"}', method="POST",
-        headers={"Content-Type": "application/json",
-                 "Authorization": "Basic " + base64.b64encode(b"AKIATEST:s3cr3t").decode()})
+        f"{lakefs.url}/api/v1/repositories/corpus/branches",
+        data=b'{"name": "x"}',
+        method="POST",
+        headers={
+            "Content-Type": "application/json",
+            "Authorization": "Basic " + base64.b64encode(b"AKIATEST:s3cr3t").decode(),
+        },
+    )
     with pytest.raises(urllib.error.HTTPError) as exc:
         urllib.request.urlopen(request, timeout=5)
     assert exc.value.code == 400

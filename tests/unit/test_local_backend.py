@@ -102,7 +102,8 @@ def test_retry_kills_the_job_a_lost_worker_left_running(tmp_path):
 def test_pid_file_records_the_group_while_the_job_runs(tmp_path):
     pid_file = tmp_path / "job.pid"
     lines = LocalProcessBackend().run(
-        [sys.executable, "-c", f"print(open({str(pid_file)!r}).read().strip())"], pid_file=pid_file)
+        [sys.executable, "-c", f"print(open({str(pid_file)!r}).read().strip())"], pid_file=pid_file
+    )
     assert lines[0].isdigit() and not pid_file.exists()
 
 

@@ -41,7 +41,11 @@ def test_fingerprint_ignores_where_it_runs_but_not_what_it_trains(tmp_path):
     [
         (lambda d: d["training"].update(max_stepz=3), "training.max_stepz", "unknown field"),
         (lambda d: d.pop("data"), "data", "required field is missing"),
-        (lambda d: d["data"].update(splits={"train": 0.5, "validation": 0.1, "test": 0.1}), "data.splits", "sum to 1.0"),
+        (
+            lambda d: d["data"].update(splits={"train": 0.5, "validation": 0.1, "test": 0.1}),
+            "data.splits",
+            "sum to 1.0",
+        ),
         (lambda d: d.update(name="Tiny_Llama"), "name", "lowercase"),
         (lambda d: d["training"].update(warmup_steps=10_000), "training", "warmup_steps"),
         (lambda d: d["evaluation"].update(thresholds={}), "evaluation.thresholds", "gate with no criteria"),

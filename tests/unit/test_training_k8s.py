@@ -44,15 +44,24 @@ def recipe():
 @pytest.fixture
 def spec(recipe, tmp_path):
     return TrainJobSpec.from_recipe(
-        recipe, dataset_dir="/data/tiny-corpus/5f1c0a", dataset_repo="tiny-corpus", dataset_commit="5f1c0a9e" * 8,
-        output_dir=str(tmp_path / "out"), tags={"airflow_dag_id": "tiny-llama_train"},
+        recipe,
+        dataset_dir="/data/tiny-corpus/5f1c0a",
+        dataset_repo="tiny-corpus",
+        dataset_commit="5f1c0a9e" * 8,
+        output_dir=str(tmp_path / "out"),
+        tags={"airflow_dag_id": "tiny-llama_train"},
     )
 
 
 @pytest.fixture
 def context():
-    ti = SimpleNamespace(dag_id="tiny-llama_train", task_id="train", try_number=2, map_index=-1,
-                         run_id="manual__2026-11-28T03:00:00+00:00")
+    ti = SimpleNamespace(
+        dag_id="tiny-llama_train",
+        task_id="train",
+        try_number=2,
+        map_index=-1,
+        run_id="manual__2026-11-28T03:00:00+00:00",
+    )
     return {"ti": ti, "run_id": ti.run_id, "dag": SimpleNamespace(dag_id=ti.dag_id)}
 
 
@@ -182,8 +191,9 @@ def test_bad_toleration_names_the_field(recipe, spec):
 def test_cpu_only_pod_has_no_gpu_resources(recipe, spec, context):
     from llmops_provider.backends.kubernetes import build_pod
 
-    k8s = recipe.training.kubernetes.model_copy(update={"gpus": 0, "checkpoint_pvc": None, "node_selector": {},
-                                                        "tolerations": []})
+    k8s = recipe.training.kubernetes.model_copy(
+        update={"gpus": 0, "checkpoint_pvc": None, "node_selector": {}, "tolerations": []}
+    )
     pod = build_pod(spec, k8s, context)
     train = next(c for c in pod.spec.containers if c.name == "train")
     assert "nvidia.com/gpu" not in train.resources.limits
@@ -208,7 +218,9 @@ def test_operator_defers_on_kubernetes_and_publishes_on_resume(recipe, context, 
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(raw))
     commit = "ab" * 32
-    store = SimpleNamespace(local_path=lambda repo, c: tmp_path / c, head=lambda repo, branch: SimpleNamespace(commit_id=commit))
+    store = SimpleNamespace(
+        local_path=lambda repo, c: tmp_path / c, head=lambda repo, branch: SimpleNamespace(commit_id=commit)
+    )
     monkeypatch.setattr("llmops_provider.datasets.get_store", lambda name=None: store, raising=False)
     monkeypatch.setenv("AIRFLOW__LLMOPS__HOME", str(tmp_path / "home"))
 
@@ -221,8 +233,15 @@ def test_operator_defers_on_kubernetes_and_publishes_on_resume(recipe, context, 
 
     def fake_reentry(self, ctx, event, k):
         assert event == {"status": "success"} and k == 1
-        return {"mlflow_run_id": "r1", "model_name": "tiny-llama", "model_version": "3", "dataset_commit": commit,
-                "reused": False, "final_loss": 5.5, "val_loss": 5.9}
+        return {
+            "mlflow_run_id": "r1",
+            "model_name": "tiny-llama",
+            "model_version": "3",
+            "dataset_commit": commit,
+            "reused": False,
+            "final_loss": 5.5,
+            "val_loss": 5.9,
+        }
 
     monkeypatch.setattr(KubernetesPodOperator, "execute", fake_execute)
     monkeypatch.setattr(KubernetesPodOperator, "trigger_reentry", fake_reentry, raising=False)
@@ -238,7 +257,13 @@ def test_operator_defers_on_kubernetes_and_publishes_on_resume(recipe, context, 
     json.dumps(deferred.value.kwargs)  # serialized into the trigger row: primitives only
 
     result = op.execute_complete(context, event={"status": "success"}, **deferred.value.kwargs)
-    assert result == {"mlflow_run_id": "r1", "model_name": "tiny-llama", "model_version": "3",
-                      "dataset_commit": commit, "reused": False, "final_loss": 5.5}
+    assert result == {
+        "mlflow_run_id": "r1",
+        "model_name": "tiny-llama",
+        "model_version": "3",
+        "dataset_commit": commit,
+        "reused": False,
+        "final_loss": 5.5,
+    }
     extra = context["outlet_events"][model].extra
     assert extra["dataset_commit"] == commit and extra["model_version"] == "3" and extra["mlflow_run_id"] == "r1"

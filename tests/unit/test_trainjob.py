@@ -40,6 +40,7 @@ NS = "ml-train"
 
 # ---------------------------------------------------------------- the CRD as a validator
 
+
 def _structural(schema: dict) -> dict:
     """An OpenAPI v3 structural schema as a JSON schema with the API server's pruning made strict."""
     out = {k: v for k, v in schema.items() if k != "description"}
@@ -62,12 +63,15 @@ def _structural(schema: dict) -> dict:
 _CEL = {
     "self >= 1": lambda v: v >= 1,
     "has(self.lastUpdatedTime)": lambda v: "lastUpdatedTime" in v,
-    "self in ['trainer.kubeflow.org/trainjob-controller', 'kueue.x-k8s.io/multikueue']":
-        lambda v: v in ("trainer.kubeflow.org/trainjob-controller", "kueue.x-k8s.io/multikueue"),
-    "self == '' || self.matches('^[A-Za-z][A-Za-z0-9+.-]*://.+$')":
-        lambda v: v == "" or re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://.+$", v) is not None,
-    "self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')":
-        lambda v: re.match(r"^[a-z]([-a-z0-9]*[a-z0-9])?$", v["metadata"]["name"]) is not None,
+    "self in ['trainer.kubeflow.org/trainjob-controller', 'kueue.x-k8s.io/multikueue']": lambda v: (
+        v in ("trainer.kubeflow.org/trainjob-controller", "kueue.x-k8s.io/multikueue")
+    ),
+    "self == '' || self.matches('^[A-Za-z][A-Za-z0-9+.-]*://.+$')": lambda v: (
+        v == "" or re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://.+$", v) is not None
+    ),
+    "self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')": lambda v: (
+        re.match(r"^[a-z]([-a-z0-9]*[a-z0-9])?$", v["metadata"]["name"]) is not None
+    ),
     "size(self.metadata.name) <= 63": lambda v: len(v["metadata"]["name"]) <= 63,
     "self == oldSelf": None,  # a transition rule: checked on update (RecordingCustomObjects.patch)
 }
@@ -97,9 +101,13 @@ def _make_validator(schema: dict):
             if check is not None and not check(instance):
                 yield ValidationError(rule.get("message", rule["rule"]))
 
-    cls = jsonschema.validators.extend(jsonschema.Draft7Validator, {
-        "x-kubernetes-list-type": list_type, "x-kubernetes-validations": cel,
-    })
+    cls = jsonschema.validators.extend(
+        jsonschema.Draft7Validator,
+        {
+            "x-kubernetes-list-type": list_type,
+            "x-kubernetes-validations": cel,
+        },
+    )
     return cls(_structural(schema))
 
 
@@ -115,8 +123,10 @@ def validator(crd):
     return _make_validator(crd)
 
 
-_LABEL_KEY = re.compile(r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
-                        r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+_LABEL_KEY = re.compile(
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+    r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+)
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 
 
@@ -133,24 +143,39 @@ def object_errors(validator, obj: dict) -> list[str]:
 
 def pod_templates(obj: dict) -> list[dict]:
     patches = obj["spec"].get("runtimePatches") or []
-    return [rj["template"]["spec"]["template"] for p in patches
-            for rj in p["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]]
+    return [
+        rj["template"]["spec"]["template"]
+        for p in patches
+        for rj in p["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    ]
 
 
 def as_pod(obj: dict, template: dict) -> dict:
     """The pod-level core types of one replicated job's patch, merged with the trainer, as a Pod."""
     trainer = obj["spec"]["trainer"]
     spec = copy.deepcopy(template["spec"])
-    container = {**spec.pop("containers")[0], "image": trainer["image"], "command": trainer["command"],
-                 "env": trainer["env"], "resources": trainer["resourcesPerNode"]}
+    container = {
+        **spec.pop("containers")[0],
+        "image": trainer["image"],
+        "command": trainer["command"],
+        "env": trainer["env"],
+        "resources": trainer["resourcesPerNode"],
+    }
     spec["containers"] = [container]
-    return {"apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": "x", "labels": template["metadata"]["labels"],
-                         "annotations": template["metadata"]["annotations"]},
-            "spec": spec}
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": "x",
+            "labels": template["metadata"]["labels"],
+            "annotations": template["metadata"]["annotations"],
+        },
+        "spec": spec,
+    }
 
 
 # ---------------------------------------------------------------- fixtures
+
 
 @pytest.fixture(scope="module")
 def base_recipe():
@@ -162,26 +187,39 @@ def make_recipe(base, *, gpus=8, num_nodes=4, pvc=True, scheduling=True):
     raw["training"]["backend"] = "kubeflow"
     raw["training"]["world_size"] = num_nodes * (gpus or 2)
     raw["training"]["kubernetes"] = {
-        "image": "registry.example.com/llmops-runtime:0.1.0", "namespace": NS, "gpus": gpus, "cpu": "16",
-        "memory": "128Gi", "num_nodes": num_nodes, "service_account": "llmops-train", "shm_size": "16Gi",
+        "image": "registry.example.com/llmops-runtime:0.1.0",
+        "namespace": NS,
+        "gpus": gpus,
+        "cpu": "16",
+        "memory": "128Gi",
+        "num_nodes": num_nodes,
+        "service_account": "llmops-train",
+        "shm_size": "16Gi",
         "checkpoint_pvc": "llmops-checkpoints" if pvc else None,
         "node_selector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"} if scheduling else {},
-        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
-                        {"key": "spot", "operator": "Equal", "value": "true", "effect": "NoExecute",
-                         "tolerationSeconds": 300}] if scheduling else [],
+        "tolerations": [
+            {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+            {"key": "spot", "operator": "Equal", "value": "true", "effect": "NoExecute", "tolerationSeconds": 300},
+        ]
+        if scheduling
+        else [],
     }
     return type(base).model_validate(raw)
 
 
 def make_spec(recipe, tmp_path) -> TrainJobSpec:
-    return TrainJobSpec.from_recipe(recipe, dataset_dir="/data/tiny-corpus/5f1c0a", dataset_repo="tiny-corpus",
-                                    dataset_commit="5f1c0a9e" * 8, output_dir=str(tmp_path / "out"),
-                                    tags={"airflow_dag_id": "tiny-llama_train"})
+    return TrainJobSpec.from_recipe(
+        recipe,
+        dataset_dir="/data/tiny-corpus/5f1c0a",
+        dataset_repo="tiny-corpus",
+        dataset_commit="5f1c0a9e" * 8,
+        output_dir=str(tmp_path / "out"),
+        tags={"airflow_dag_id": "tiny-llama_train"},
+    )
 
 
 def make_context(try_number=1, run_id="manual__2026-11-28T03:00:00+00:00"):
-    ti = SimpleNamespace(dag_id="tiny-llama_train", task_id="train", try_number=try_number, map_index=-1,
-                         run_id=run_id)
+    ti = SimpleNamespace(dag_id="tiny-llama_train", task_id="train", try_number=try_number, map_index=-1, run_id=run_id)
     return {"ti": ti, "run_id": run_id, "dag": SimpleNamespace(dag_id=ti.dag_id)}
 
 
@@ -189,8 +227,14 @@ def build(recipe, spec, context=None):
     from llmops_provider.backends import trainjob
 
     context = context or make_context()
-    return trainjob.build_trainjob(spec, recipe.training.kubernetes, name=trainjob.trainjob_name(spec.recipe, context),
-                                   namespace=NS, labels=trainjob.identity_labels(context), mlflow_secret="llmops-mlflow")
+    return trainjob.build_trainjob(
+        spec,
+        recipe.training.kubernetes,
+        name=trainjob.trainjob_name(spec.recipe, context),
+        namespace=NS,
+        labels=trainjob.identity_labels(context),
+        mlflow_secret="llmops-mlflow",
+    )
 
 
 @pytest.fixture
@@ -214,8 +258,9 @@ VARIANTS = list(itertools.product([0, 8], [1, 4], [True, False], [True, False]))
 
 
 @pytest.mark.parametrize(("gpus", "num_nodes", "pvc", "scheduling"), VARIANTS)
-def test_every_variant_is_valid_against_the_crd_and_kubernetes(base_recipe, tmp_path, validator, gpus, num_nodes,
-                                                                pvc, scheduling):
+def test_every_variant_is_valid_against_the_crd_and_kubernetes(
+    base_recipe, tmp_path, validator, gpus, num_nodes, pvc, scheduling
+):
     import kubernetes_validate
 
     recipe = make_recipe(base_recipe, gpus=gpus, num_nodes=num_nodes, pvc=pvc, scheduling=scheduling)
@@ -283,8 +328,11 @@ def test_pod_check_is_not_vacuous(obj):
 
 def test_refers_to_the_deepspeed_runtime_and_patches_what_it_has(obj):
     runtime = yaml.safe_load((CONTRACTS / "kubeflow-deepspeed-runtime.yaml").read_text())
-    assert obj["spec"]["runtimeRef"] == {"apiGroup": "trainer.kubeflow.org", "kind": runtime["kind"],
-                                         "name": runtime["metadata"]["name"]}
+    assert obj["spec"]["runtimeRef"] == {
+        "apiGroup": "trainer.kubeflow.org",
+        "kind": runtime["kind"],
+        "name": runtime["metadata"]["name"],
+    }
     jobs = {rj["name"]: rj for rj in runtime["spec"]["template"]["spec"]["replicatedJobs"]}
     patches = obj["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
     assert {p["name"] for p in patches} == set(jobs) == {"launcher", "node"}
@@ -292,7 +340,9 @@ def test_refers_to_the_deepspeed_runtime_and_patches_what_it_has(obj):
         containers = {c["name"] for c in jobs[patch["name"]]["template"]["spec"]["template"]["spec"]["containers"]}
         assert {c["name"] for c in patch["template"]["spec"]["template"]["spec"]["containers"]} <= containers
     # the runtime runs trainer.command in the launcher, which is also a node (rank 0 is there)
-    assert jobs["launcher"]["template"]["metadata"]["labels"]["trainer.kubeflow.org/trainjob-ancestor-step"] == "trainer"
+    assert (
+        jobs["launcher"]["template"]["metadata"]["labels"]["trainer.kubeflow.org/trainjob-ancestor-step"] == "trainer"
+    )
     assert runtime["spec"]["mlPolicy"]["mpi"]["runLauncherAsNode"] is True
 
 
@@ -323,8 +373,11 @@ def test_launch_script_is_valid_bash(obj, tmp_path):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("job-launcher-0-0.job slots=8\njob-node-0-0.job slots=8\n")
     command = [part.replace("/etc/mpi/hostfile", str(hostfile)) for part in obj["spec"]["trainer"]["command"]]
-    env = {"PATH": f"{bindir}:{os.environ['PATH']}", "RECORD": str(tmp_path / "argv"),
-           "MLFLOW_TRACKING_URI": "http://mlflow:5000"}
+    env = {
+        "PATH": f"{bindir}:{os.environ['PATH']}",
+        "RECORD": str(tmp_path / "argv"),
+        "MLFLOW_TRACKING_URI": "http://mlflow:5000",
+    }
     subprocess.run(command, env=env, check=True, timeout=30)
     argv = (tmp_path / "argv").read_text().splitlines()
     assert argv[:4] == ["--hostfile", str(hostfile), "-np", "32"]
@@ -332,10 +385,19 @@ def test_launch_script_is_valid_bash(obj, tmp_path):
     assert forwarded == ["MASTER_ADDR", "MASTER_PORT", "PYTHONUNBUFFERED", "MLFLOW_TRACKING_URI"]  # unset: not sent
     assert argv[-3:-1] == ["bash", "-c"]
     # the per-rank script maps OpenMPI's variables onto torch's, then runs the entrypoint
-    out = subprocess.run(["bash", "-c", argv[-1].replace("exec python", "echo $RANK/$WORLD_SIZE/$LOCAL_RANK python")],
-                         env={"OMPI_COMM_WORLD_RANK": "9", "OMPI_COMM_WORLD_SIZE": "32",
-                              "OMPI_COMM_WORLD_LOCAL_RANK": "1", "OMPI_COMM_WORLD_LOCAL_SIZE": "8",
-                              "PATH": os.environ["PATH"]}, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        ["bash", "-c", argv[-1].replace("exec python", "echo $RANK/$WORLD_SIZE/$LOCAL_RANK python")],
+        env={
+            "OMPI_COMM_WORLD_RANK": "9",
+            "OMPI_COMM_WORLD_SIZE": "32",
+            "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+            "OMPI_COMM_WORLD_LOCAL_SIZE": "8",
+            "PATH": os.environ["PATH"],
+        },
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert out.stdout.startswith("9/32/1 python -m llmops_provider.runtime.train")
 
 
@@ -385,7 +447,9 @@ def test_ranks_must_split_evenly_over_nodes_and_fit_the_gpus(base_recipe, tmp_pa
     spec = make_spec(recipe, tmp_path)
     k8s = recipe.training.kubernetes
     uneven = spec.model_copy(update={"training": spec.training.model_copy(update={"world_size": 30})})
-    with pytest.raises(ValueError, match=r"training.world_size \(30\) is not a multiple of training.kubernetes.num_nodes"):
+    with pytest.raises(
+        ValueError, match=r"training.world_size \(30\) is not a multiple of training.kubernetes.num_nodes"
+    ):
         procs_per_node(uneven, k8s)
     wide = spec.model_copy(update={"training": spec.training.model_copy(update={"world_size": 64})})
     with pytest.raises(ValueError, match=r"set training.world_size: 32 or training.kubernetes.gpus: 16"):
@@ -401,15 +465,23 @@ def test_bad_name_is_refused(recipe, spec):
 
 # ---------------------------------------------------------------- result parsing
 
-RESULT = {"mlflow_run_id": "r1", "model_name": "tiny-llama", "model_version": "3", "dataset_commit": "ab" * 32,
-          "reused": False, "final_loss": 5.5, "val_loss": 5.9, "tokens_per_s": 1234.5}
+RESULT = {
+    "mlflow_run_id": "r1",
+    "model_name": "tiny-llama",
+    "model_version": "3",
+    "dataset_commit": "ab" * 32,
+    "reused": False,
+    "final_loss": 5.5,
+    "val_loss": 5.9,
+    "tokens_per_s": 1234.5,
+}
 
 
 def launcher_log(result=RESULT) -> str:
     lines = [
         "Warning: Permanently added '[train-x-node-0-0.train-x]:2222' (ED25519) to the list of known hosts.",
         "2026-11-28 03:01:00,000 INFO [rank 0] llmops.train: step 50/50 loss 5.50",
-        "2026-11-28 03:01:00,100 INFO [rank 3] llmops.train: result: {\"not\": \"rank 0\"}",
+        '2026-11-28 03:01:00,100 INFO [rank 3] llmops.train: result: {"not": "rank 0"}',
     ]
     if result is not None:
         lines.append("2026-11-28 03:01:02,000 INFO [rank 0] llmops.train: result: " + json.dumps(result))
@@ -444,39 +516,63 @@ def test_runtime_still_logs_the_result_line_the_parser_reads():
 
 # ---------------------------------------------------------------- (b) a recording API server
 
+
 def _api_error(status: int, reason: str, message: str):
     from kubernetes.client.exceptions import ApiException
 
     exc = ApiException(status=status, reason=reason)
-    exc.body = json.dumps({"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": message,
-                           "reason": reason.replace(" ", ""), "code": status})
+    exc.body = json.dumps(
+        {
+            "kind": "Status",
+            "apiVersion": "v1",
+            "status": "Failure",
+            "message": message,
+            "reason": reason.replace(" ", ""),
+            "code": status,
+        }
+    )
     return exc
 
 
 def _cond(kind: str, reason: str, message: str, status: str = "True") -> dict:
-    return {"type": kind, "status": status, "reason": reason, "message": message,
-            "lastTransitionTime": "2026-11-28T03:00:00Z"}
+    return {
+        "type": kind,
+        "status": status,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": "2026-11-28T03:00:00Z",
+    }
 
 
 def _jobs(active: int, ready: int, succeeded: int = 0, failed: int = 0) -> list[dict]:
-    return [{"name": job, "active": active, "ready": ready, "succeeded": succeeded, "failed": failed, "suspended": 0}
-            for job in ("launcher", "node")]
+    return [
+        {"name": job, "active": active, "ready": ready, "succeeded": succeeded, "failed": failed, "suspended": 0}
+        for job in ("launcher", "node")
+    ]
 
 
 PLANS = {
     "success": [
         {"conditions": [_cond("Created", "JobSetCreated", "the JobSet was created")]},
         {"conditions": [_cond("Created", "JobSetCreated", "the JobSet was created")], "jobsStatus": _jobs(1, 1)},
-        {"conditions": [_cond("Created", "JobSetCreated", "the JobSet was created"),
-                        _cond("Complete", "JobsCompleted", "jobset completed successfully")],
-         "jobsStatus": _jobs(0, 0, succeeded=1)},
+        {
+            "conditions": [
+                _cond("Created", "JobSetCreated", "the JobSet was created"),
+                _cond("Complete", "JobsCompleted", "jobset completed successfully"),
+            ],
+            "jobsStatus": _jobs(0, 0, succeeded=1),
+        },
     ],
     "failure": [
         {"conditions": [_cond("Created", "JobSetCreated", "the JobSet was created")]},
         {"conditions": [_cond("Created", "JobSetCreated", "the JobSet was created")], "jobsStatus": _jobs(1, 1)},
-        {"conditions": [_cond("Created", "JobSetCreated", "the JobSet was created"),
-                        _cond("Failed", "FailedJobs", "jobset failed: job launcher-0 failed: BackoffLimitExceeded")],
-         "jobsStatus": _jobs(0, 0, failed=1)},
+        {
+            "conditions": [
+                _cond("Created", "JobSetCreated", "the JobSet was created"),
+                _cond("Failed", "FailedJobs", "jobset failed: job launcher-0 failed: BackoffLimitExceeded"),
+            ],
+            "jobsStatus": _jobs(0, 0, failed=1),
+        },
     ],
     "forever": [
         {"conditions": [_cond("Created", "JobSetCreated", "the JobSet was created")], "jobsStatus": _jobs(1, 1)},
@@ -526,8 +622,13 @@ class RecordingCustomObjects:
         if (namespace, name) in self.objects:
             raise _api_error(409, "Conflict", f'trainjobs.trainer.kubeflow.org "{name}" already exists')
         stored = copy.deepcopy(body)
-        stored["metadata"].update(namespace=namespace, uid=f"uid-{next(self._uid)}", generation=1,
-                                  resourceVersion="1", creationTimestamp="2026-11-28T03:00:00Z")
+        stored["metadata"].update(
+            namespace=namespace,
+            uid=f"uid-{next(self._uid)}",
+            generation=1,
+            resourceVersion="1",
+            creationTimestamp="2026-11-28T03:00:00Z",
+        )
         stored["spec"].setdefault("suspend", False)
         stored["spec"].setdefault("managedBy", "trainer.kubeflow.org/trainjob-controller")
         self._validate(stored)
@@ -581,10 +682,14 @@ class RecordingCustomObjects:
                 labels = template["metadata"]["labels"]
                 if ns == namespace and all(labels.get(k) == v for k, v in wanted.items()):
                     job = labels["llmops.apache.org/replicated-job"]
-                    pods.append(SimpleNamespace(
-                        metadata=SimpleNamespace(name=f"{name}-{job}-0-0-x7k2p", labels=labels,
-                                                 creation_timestamp="2026-11-28T03:00:05Z"),
-                        status=SimpleNamespace(phase="Succeeded")))
+                    pods.append(
+                        SimpleNamespace(
+                            metadata=SimpleNamespace(
+                                name=f"{name}-{job}-0-0-x7k2p", labels=labels, creation_timestamp="2026-11-28T03:00:05Z"
+                            ),
+                            status=SimpleNamespace(phase="Succeeded"),
+                        )
+                    )
         return SimpleNamespace(items=pods)
 
     def read_namespaced_pod_log(self, name, namespace, container=None, tail_lines=None, **kwargs):
@@ -666,11 +771,17 @@ def test_complete_without_result_line_is_a_failure(obj, validator):
     assert (NS, name) in client.objects  # kept: it did not succeed
 
 
-@pytest.mark.parametrize(("cleanup", "plan", "kept"), [
-    ("always", "success", False), ("always", "failure", False),
-    ("on_success", "success", False), ("on_success", "failure", True),
-    ("never", "success", True), ("never", "failure", True),
-])
+@pytest.mark.parametrize(
+    ("cleanup", "plan", "kept"),
+    [
+        ("always", "success", False),
+        ("always", "failure", False),
+        ("on_success", "success", False),
+        ("on_success", "failure", True),
+        ("never", "success", True),
+        ("never", "failure", True),
+    ],
+)
 def test_cleanup_policy(obj, validator, cleanup, plan, kept):
     client = RecordingCustomObjects(validator, plan)
     backend = backend_for(client, cleanup)
@@ -765,33 +876,38 @@ def test_bad_cleanup_policy_names_the_choices(validator):
 
 # ---------------------------------------------------------------- the trigger
 
+
 @pytest.fixture
 def patched_clients(monkeypatch):
     def install(client):
         monkeypatch.setattr("llmops_provider.backends.trainjob.kube_clients", lambda conn_id: (client, client))
         return client
+
     return install
 
 
 def _run_trigger(trigger) -> list[dict]:
     async def collect():
         return [event.payload async for event in trigger.run()]
+
     return asyncio.run(collect())
 
 
 def test_trigger_serializes_primitives_and_round_trips():
     from llmops_provider.triggers.trainjob import TrainJobTrigger
 
-    trigger = TrainJobTrigger(name="train-x-1", namespace=NS, deadline=1.9e9, kubernetes_conn_id="k8s",
-                              poll_interval_s=5)
+    trigger = TrainJobTrigger(
+        name="train-x-1", namespace=NS, deadline=1.9e9, kubernetes_conn_id="k8s", poll_interval_s=5
+    )
     path, kwargs = trigger.serialize()
     assert path == "llmops_provider.triggers.trainjob.TrainJobTrigger"
     assert json.loads(json.dumps(kwargs)) == kwargs
     assert TrainJobTrigger(**kwargs).serialize() == (path, kwargs)
 
 
-@pytest.mark.parametrize(("plan", "status", "phase"), [("success", "success", "Complete"),
-                                                        ("failure", "failed", "Failed")])
+@pytest.mark.parametrize(
+    ("plan", "status", "phase"), [("success", "success", "Complete"), ("failure", "failed", "Failed")]
+)
 def test_trigger_fires_on_terminal_state(obj, validator, patched_clients, plan, status, phase):
     from llmops_provider.triggers.trainjob import TrainJobTrigger
 
@@ -811,14 +927,23 @@ def test_trigger_times_out_and_reports_a_vanished_job(obj, validator, patched_cl
     backend_for(client).submit(obj)
     name = obj["metadata"]["name"]
     events = _run_trigger(TrainJobTrigger(name=name, namespace=NS, deadline=0, poll_interval_s=0))
-    assert events == [{"status": "timeout", "phase": "Timeout", "message": "still Running at the deadline",
-                       "name": name, "namespace": NS}]
-    events = _run_trigger(TrainJobTrigger(name="train-gone-000000000000", namespace=NS, deadline=4e9,
-                                          poll_interval_s=0))
+    assert events == [
+        {
+            "status": "timeout",
+            "phase": "Timeout",
+            "message": "still Running at the deadline",
+            "name": name,
+            "namespace": NS,
+        }
+    ]
+    events = _run_trigger(
+        TrainJobTrigger(name="train-gone-000000000000", namespace=NS, deadline=4e9, poll_interval_s=0)
+    )
     assert events[0]["status"] == "error" and "deleted" in events[0]["message"]
 
 
 # ---------------------------------------------------------------- the operator
+
 
 @pytest.fixture
 def operator_env(base_recipe, tmp_path, monkeypatch):
@@ -826,8 +951,9 @@ def operator_env(base_recipe, tmp_path, monkeypatch):
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe.model_dump(mode="json")))
     commit = "ab" * 32
-    store = SimpleNamespace(local_path=lambda repo, c: tmp_path / c,
-                            head=lambda repo, branch: SimpleNamespace(commit_id=commit))
+    store = SimpleNamespace(
+        local_path=lambda repo, c: tmp_path / c, head=lambda repo, branch: SimpleNamespace(commit_id=commit)
+    )
     monkeypatch.setattr("llmops_provider.datasets.get_store", lambda name=None: store, raising=False)
     monkeypatch.setenv("AIRFLOW__LLMOPS__HOME", str(tmp_path / "home"))
     return path
@@ -849,8 +975,9 @@ def test_operator_defers_to_the_trigger_and_publishes_on_resume(operator_env, va
     client = patched_clients(RecordingCustomObjects(validator, "success"))
     model = Asset("llmops://tiny-llama/model")
     context = _context()
-    op = DeepSpeedTrainOperator(task_id="train", recipe_path=str(operator_env), outlets=[model],
-                                trainjob_poll_interval_s=0)
+    op = DeepSpeedTrainOperator(
+        task_id="train", recipe_path=str(operator_env), outlets=[model], trainjob_poll_interval_s=0
+    )
     with pytest.raises(TaskDeferred) as deferred:
         op.execute(context)
     assert isinstance(deferred.value.trigger, TrainJobTrigger)
@@ -862,20 +989,23 @@ def test_operator_defers_to_the_trigger_and_publishes_on_resume(operator_env, va
 
     [event] = _run_trigger(deferred.value.trigger)
     result = op.execute_trainjob_complete(context, event=event, **deferred.value.kwargs)
-    assert result == {k: RESULT[k] for k in ("mlflow_run_id", "model_name", "model_version", "dataset_commit",
-                                             "reused", "final_loss")}
+    assert result == {
+        k: RESULT[k] for k in ("mlflow_run_id", "model_name", "model_version", "dataset_commit", "reused", "final_loss")
+    }
     assert context["outlet_events"][model].extra["model_version"] == "3"
     assert client.objects == {}  # on_success: deleted after the result was read
 
 
-def test_operator_waits_in_the_worker_when_not_deferrable_and_fails_with_the_log(operator_env, validator,
-                                                                                 patched_clients):
+def test_operator_waits_in_the_worker_when_not_deferrable_and_fails_with_the_log(
+    operator_env, validator, patched_clients
+):
     from llmops_provider.compat import AirflowException
     from llmops_provider.operators.training import DeepSpeedTrainOperator
 
     client = patched_clients(RecordingCustomObjects(validator, "failure", log_text="RuntimeError: out of memory\n"))
-    op = DeepSpeedTrainOperator(task_id="train", recipe_path=str(operator_env), deferrable=False,
-                                trainjob_poll_interval_s=0)
+    op = DeepSpeedTrainOperator(
+        task_id="train", recipe_path=str(operator_env), deferrable=False, trainjob_poll_interval_s=0
+    )
     with pytest.raises(AirflowException, match=r"(?s)Failed.*out of memory"):
         op.execute(_context())
     assert len(client.objects) == 1  # kept for debugging (on_success)
