@@ -744,7 +744,22 @@ def train(spec: TrainJobSpec) -> TrainResult:
         from llmops_provider.backends.local import release_shm_buffers
 
         release_shm_buffers(int(os.environ["MASTER_PORT"]), log)  # DeepSpeed never unlinks them itself
+    shut_down_distributed(dist)
     return result
+
+
+def shut_down_distributed(dist) -> None:
+    """Destroy the process group while the interpreter is whole: no gloo or TCPStore thread is left at exit.
+
+    Left alive, the group's native threads (gloo's run loops and TCP loop, rank 0's TCPStore
+    server) are torn down by interpreter finalization and static destructors, in no fixed order
+    and while a peer may be gone already. That is the likely cause of the one abort seen in CI: a
+    rank on the reuse path (which exits a second after starting) died after writing its result
+    with ``terminate called without an active exception`` (SIGABRT, the launcher's exit 250).
+    PyTorch asks for this call before a process exits.
+    """
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def load_data(spec: TrainJobSpec, rank: int, dist, tok_dir: Path):
