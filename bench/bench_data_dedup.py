@@ -6,7 +6,7 @@ One run, one corpus (bench/corpus_data.py: real text from this machine with plan
 and near duplicates of known Jaccard, junk and malformed lines), four contenders run one
 after another on the same input:
 
-- ``ours_near_dedup``: spark_jobs/prepare_corpus.py with only parse, normalize and MinHash
+- ``ours_near_dedup``: the data pipeline (spark_jobs/prepare_corpus.py) with only parse, normalize and MinHash
   near-dedup (the step compared with the peers);
 - ``ours_pipeline``: the whole pipeline without tokenization (recipe defaults: language,
   Gopher repetition, PII, exact and near dedup);
@@ -333,7 +333,7 @@ class Truth:
     """Exact Jaccard between documents of the corpus, on demand; a wide LSH for candidates."""
 
     def __init__(self, clean: Path, manifest: dict) -> None:
-        from spark_jobs import minhash
+        from llmops_provider.data import minhash
 
         self.texts: dict[str, str] = {}
         for part in sorted(clean.glob("*.jsonl")):

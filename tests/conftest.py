@@ -17,7 +17,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 RUNTIME_PYTHON = ROOT / ".venv-runtime" / "bin" / "python"
 CONTROL_BIN = Path(sys.executable).parent
-if str(ROOT) not in sys.path:  # spark_jobs/ (the Spark application) is a top-level package of the checkout
+if str(ROOT) not in sys.path:  # spark_jobs/ (the checkout entrypoint of the Spark application) is a top-level package
     sys.path.insert(0, str(ROOT))
 
 

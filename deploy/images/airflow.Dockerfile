@@ -8,5 +8,4 @@ COPY requirements/control-plane.lock /tmp/control-plane.lock
 RUN pip install --no-cache-dir -r /tmp/control-plane.lock
 COPY --chown=airflow:root pyproject.toml README.md /opt/llmops/
 COPY --chown=airflow:root llmops_provider /opt/llmops/llmops_provider
-COPY --chown=airflow:root spark_jobs /opt/llmops/spark_jobs
 RUN pip install --no-cache-dir --no-deps /opt/llmops

@@ -32,9 +32,9 @@ DATA_CARD_MD = "data_card.md"
 SOURCE_FILE = "_source.json"  # fingerprint of the raw sources as read: the monitor's "new data" check
 LOCAL_FALLBACK_MASTER = "local[*]"
 
-# spark_jobs/ sits next to the package in the repository (and in the images built from it)
+# the Spark application ships inside the provider (a checkout, an editable or a wheel install)
 PACKAGE_PARENT = Path(__file__).resolve().parents[2]
-DEFAULT_APPLICATION = PACKAGE_PARENT / "spark_jobs" / "prepare_corpus.py"
+DEFAULT_APPLICATION = Path(__file__).resolve().parents[1] / "data" / "prepare_corpus.py"
 
 
 def default_staging_dir(recipe_name: str, run_id: str) -> Path:
@@ -93,7 +93,7 @@ def _find_connection(conn_id: str):
 
 
 class SparkPrepareDataOperator(BaseOperator):
-    """Run ``spark_jobs/prepare_corpus.py`` with spark-submit: parse, quarantine, normalize, dedup, split.
+    """Run ``llmops_provider/data/prepare_corpus.py`` with spark-submit: parse, quarantine, normalize, dedup, split.
 
     The Spark master is the host of the recipe's ``data.spark_conn_id`` connection
     (``local[2]`` locally, ``spark://``/``k8s://``/``yarn`` in production); when that
@@ -105,8 +105,8 @@ class SparkPrepareDataOperator(BaseOperator):
     :param staging_dir: directory the job (re)writes; default
         ``[llmops] home``/staging/<recipe>/<run_id> (templated)
     :param conn_id: Spark connection id overriding ``data.spark_conn_id`` (templated)
-    :param application: the PySpark application to submit; default the repository's
-        ``spark_jobs/prepare_corpus.py``
+    :param application: the PySpark application to submit; default the installed provider's
+        ``llmops_provider/data/prepare_corpus.py``
     :param spark_conf: extra ``--conf`` properties for spark-submit
     :return: ``{staging_dir, stats, spark_app_id}``
     """
@@ -192,8 +192,8 @@ class SparkPrepareDataOperator(BaseOperator):
         application = Path(self.application) if self.application else DEFAULT_APPLICATION
         if not application.is_file():
             raise AirflowFailException(
-                f"Spark application {application} not found; pass application= or ship spark_jobs/ "
-                f"next to the llmops_provider package ({PACKAGE_PARENT})"
+                f"Spark application {application} not found; pass application= or reinstall the provider "
+                f"(its wheel ships llmops_provider/data/prepare_corpus.py)"
             )
         staging = Path(self.staging_dir) if self.staging_dir else default_staging_dir(recipe.name, _run_id(context))
         inputs, fingerprint = self._resolve_inputs(self._inputs(data))

@@ -289,7 +289,7 @@ def test_tokenized_packed_layout_and_data_card(staged):
         {k: s[k] for k in ("step", "in", "out", "dropped", "modified")} for s in stats["steps"]
     ]
     assert card["dedup_clusters"]["clusters"] >= 1 and card["length_tokens"]["train"]["count"] > 0
-    from spark_jobs.data_card import _char_lengths, _summary
+    from llmops_provider.data.data_card import _char_lengths, _summary
 
     # the job's lengths (from its outcome table) are those of the texts in the files
     assert card["length_chars"] == {s: _summary(v) for s, v in _char_lengths(staged).items()}

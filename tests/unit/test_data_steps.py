@@ -1,4 +1,4 @@
-"""The data pipeline's document steps and MinHash dedup, without Spark (spark_jobs/steps.py, minhash.py)."""
+"""The data pipeline's document steps and MinHash dedup, without Spark (llmops_provider/data/steps.py, minhash.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from llmops_provider.data import minhash
+from llmops_provider.data import steps as st
 from llmops_provider.recipes import (
     C4Spec,
     DataSpec,
@@ -20,8 +22,6 @@ from llmops_provider.recipes import (
     RecipeError,
     load_recipe,
 )
-from spark_jobs import minhash
-from spark_jobs import steps as st
 
 pytestmark = pytest.mark.unit
 
@@ -205,7 +205,7 @@ def test_language_filter_uses_the_shipped_model():
 def test_batch_language_identifier_answers_what_py3langid_answers():
     from py3langid import langid
 
-    from spark_jobs import language
+    from llmops_provider.data import language
 
     reference = langid.LanguageIdentifier.from_model_file(langid.MODEL_FILE, norm_probs=True)
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
@@ -234,7 +234,7 @@ def test_batch_language_identifier_answers_what_py3langid_answers():
 def test_first_seen_counts_is_a_counter_of_the_walk():
     from collections import Counter
 
-    from spark_jobs.language import first_seen_counts
+    from llmops_provider.data.language import first_seen_counts
 
     rng = np.random.default_rng(7)
     for size, high in ((1, 3), (5, 2), (200, 50), (1000, 100_053)):
@@ -247,7 +247,7 @@ def test_first_seen_counts_is_a_counter_of_the_walk():
 def test_the_cached_language_model_answers_as_the_shipped_one(tmp_path):
     from py3langid import langid
 
-    from spark_jobs import language
+    from llmops_provider.data import language
 
     fresh = language.BatchIdentifier(langid.LanguageIdentifier.from_model_file(langid.MODEL_FILE, norm_probs=True))
     path = tmp_path / "cache" / "model.npz"
@@ -468,7 +468,7 @@ def test_output_lines_from_texts_on_disk_are_the_json_of_the_records(tmp_path):
     # the bytes must be json.dumps of the record, as when the text travels in the row
     import pyarrow as pa
 
-    from spark_jobs.prepare_corpus import TEXT_AT, TextReader, TextWriter, _json_lines
+    from llmops_provider.data.prepare_corpus import TEXT_AT, TextReader, TextWriter, _json_lines
 
     cols = ("file", "id", "text", "line", "step", "reason", "detail", "source")
     rows = [

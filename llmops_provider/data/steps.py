@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from spark_jobs import minhash
+from llmops_provider.data import minhash
 
 # quarantine reasons (step "parse"): the line is not a usable record
 PARSE_REASONS = (
@@ -250,7 +250,7 @@ class Length:
 
 class Language:
     """py3langid's naive Bayes model (shipped in its wheel), run over a batch of documents at
-    once (:mod:`spark_jobs.language`); the score is its calibrated probability."""
+    once (:mod:`llmops_provider.data.language`); the score is its calibrated probability."""
 
     name = "language"
 
@@ -261,7 +261,7 @@ class Language:
         return self.batch([doc])[0]
 
     def batch(self, docs: list[Doc]) -> list[Drop | None]:
-        from spark_jobs import language
+        from llmops_provider.data import language
 
         if not self.languages:  # [] keeps every language: nothing to decide
             return [None] * len(docs)
