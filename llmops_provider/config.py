@@ -39,6 +39,11 @@ def home() -> Path:
     return path
 
 
+def deployment_record(recipe_name: str) -> Path:
+    """The deployment record the deploy stage writes for a recipe (read by the monitor, rollback and UI)."""
+    return home() / "deployments" / f"{recipe_name}.json"
+
+
 def run_dir() -> Path:
     """Pid files of long-running processes the platform starts (the stop command reads them)."""
     path = home() / "run"

@@ -8,7 +8,7 @@ so a serving model can be traced back to the dataset commit it was trained on.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Final
 
 # keys used in Asset event extras, MLflow tags and commit metadata
 DATASET_REPO = "dataset_repo"
@@ -21,6 +21,9 @@ MODEL_NAME = "model_name"
 MODEL_VERSION = "model_version"
 EVAL_RUN_ID = "eval_run_id"
 EVAL_VERDICT = "eval_verdict"
+# the values of EVAL_VERDICT: the eval gate's verdict (report, tags, asset extras)
+VERDICT_PASSED: Final = "passed"
+VERDICT_FAILED: Final = "failed"
 EVAL_REPORT = "eval_report"
 ENDPOINT = "endpoint"
 RETRAIN_REASON = "retrain_reason"
@@ -29,6 +32,9 @@ AIRFLOW_RUN_ID = "airflow_run_id"
 AIRFLOW_TRY = "airflow_try_number"
 
 SOURCE_FINGERPRINT = "source_fingerprint"
+
+# registry alias set on every newly trained version; the evaluation gate promotes it
+CHALLENGER_ALIAS = "challenger"
 
 
 def processed_sources_variable(recipe_name: str) -> str:

@@ -13,10 +13,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+# SOURCE_FINGERPRINT: the commit-metadata key the data stage writes and the monitor compares against
+from llmops_provider.lineage import SOURCE_FINGERPRINT
 from llmops_provider.recipes import SLOs
-
-# commit-metadata key the data stage writes and the monitor compares against
-SOURCE_FINGERPRINT = "source_fingerprint"
 
 # SLO field -> (PromQL key, direction): "max" means the value must stay <= limit
 SLO_CHECKS: dict[str, tuple[str, str]] = {

@@ -77,7 +77,7 @@ def lineage_rows(access: Access) -> list[dict]:
             }
         except Exception as exc:  # noqa: BLE001 - shown on the page, never breaks it
             row["dataset"] = {"error": str(exc)}
-        record = config.home() / "deployments" / f"{recipe.name}.json"
+        record = config.deployment_record(recipe.name)
         row["deployment"] = json.loads(record.read_text()) if record.exists() else None
         rows.append(row)
     if invalid and access.sees_import_errors():

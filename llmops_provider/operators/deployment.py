@@ -40,7 +40,7 @@ from llmops_provider.lineage import emit_outlet_extra
 from llmops_provider.operators.evaluation import version_from_param_or_event
 
 CHAMPION_ALIAS = "champion"
-PASSED = "passed"  # == specs.evaluate.VERDICT_PASSED (kept literal: that module imports pydantic models)
+PASSED = lineage.VERDICT_PASSED  # the eval gate's verdict a served version must carry
 SETTLE_S = 6.0  # after a window: one more scrape of the local Prometheus (5 s interval) lands
 
 
@@ -579,7 +579,7 @@ class VLLMDeployOperator(LocalJobMixin, BaseOperator):
         }
         if "ti" in context:
             record.update(lineage.airflow_ids(context))
-        path = config.home() / "deployments" / f"{recipe.name}.json"
+        path = config.deployment_record(recipe.name)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(str(path) + ".tmp")
         tmp.write_text(json.dumps(record, indent=2, default=str))

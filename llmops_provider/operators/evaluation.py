@@ -22,7 +22,7 @@ from llmops_provider.backends.local import LocalJobMixin
 from llmops_provider.compat import AirflowException, AirflowFailException, BaseOperator
 from llmops_provider.lineage import emit_outlet_extra, triggering_extra  # noqa: F401 - re-exported
 
-CHALLENGER_ALIAS = "challenger"
+CHALLENGER_ALIAS = lineage.CHALLENGER_ALIAS
 
 
 class EvalGateFailed(AirflowFailException):
@@ -99,7 +99,8 @@ def promote(context: Mapping[str, Any], client, recipe, payload: Mapping[str, An
     """
     version = str(payload["model_version"])
     tags = dict(client.get_model_version(recipe.model_name, version).tags or {})
-    if tags.get(lineage.EVAL_VERDICT) != "passed" or tags.get(lineage.EVAL_RUN_ID) != payload.get("eval_run_id"):
+    passed = tags.get(lineage.EVAL_VERDICT) == lineage.VERDICT_PASSED
+    if not passed or tags.get(lineage.EVAL_RUN_ID) != payload.get("eval_run_id"):
         raise AirflowFailException(
             f"refusing to promote {recipe.model_name} v{version}: registry says eval_verdict="
             f"{tags.get(lineage.EVAL_VERDICT)!r}, eval_run_id={tags.get(lineage.EVAL_RUN_ID)!r}; expected a pass by "
@@ -367,7 +368,7 @@ class PromoteApprovedModelOperator(BaseOperator):
 
         recipe = load_recipe(self.recipe_path)
         payload = context["ti"].xcom_pull(task_ids=self.eval_task_id)
-        if not payload or payload.get("verdict") != "passed":
+        if not payload or payload.get("verdict") != lineage.VERDICT_PASSED:
             raise AirflowFailException(f"task {self.eval_task_id!r} left no passed result; nothing to promote")
         client = MLflowHook(self.mlflow_conn_id or recipe.mlflow_conn_id).get_client()
         return promote(context, client, recipe, payload, self.outlets, self.log)

@@ -50,19 +50,15 @@ REEVAL_TAGS = {"eval_verdict": "reeval_verdict", "eval_run_id": "reeval_run_id",
 GATE_TAGS = ("eval_verdict", "eval_run_id", "eval_failures", "rejected")
 
 
-def record_path(recipe_name: str) -> Path:
-    return config.home() / "deployments" / f"{recipe_name}.json"
-
-
 def read_record(recipe_name: str) -> dict[str, Any] | None:
     try:
-        return json.loads(record_path(recipe_name).read_text())
+        return json.loads(config.deployment_record(recipe_name).read_text())
     except (OSError, ValueError):
         return None
 
 
 def write_record(recipe_name: str, record: dict[str, Any]) -> None:
-    path = record_path(recipe_name)
+    path = config.deployment_record(recipe_name)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(str(path) + ".tmp")
     tmp.write_text(json.dumps(record, indent=2, default=str))
@@ -435,7 +431,7 @@ class ReEvaluateChampionOperator(LMEvalGateOperator):
             payload = context["ti"].xcom_pull(task_ids=self.task_id, key="eval_result") if "ti" in context else None
         finally:
             self._record(client, recipe.model_name, version, before)
-        verdict = "passed" if failure is None else "failed"
+        verdict = lineage.VERDICT_PASSED if failure is None else lineage.VERDICT_FAILED
         out = {
             **(payload or {}),
             "model_version": version,

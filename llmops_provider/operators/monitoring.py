@@ -180,7 +180,7 @@ class MonitorOperator(BaseOperator):
 
         from llmops_provider import config
 
-        path = config.home() / "deployments" / f"{recipe_name}.json"
+        path = config.deployment_record(recipe_name)
         try:
             return json.loads(path.read_text())
         except FileNotFoundError:

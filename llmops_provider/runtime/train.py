@@ -68,10 +68,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from llmops_provider.lineage import CHALLENGER_ALIAS  # set on every newly trained version
 from llmops_provider.specs.train import (
     ADAPTER_ARTIFACT_PATH,
     BASE_ARTIFACT_PATH,
-    CHALLENGER_ALIAS,
     DS_CONFIG_ARTIFACT,
     IDEMPOTENCY_TAG,
     MERGED_ARTIFACT_PATH,

@@ -12,6 +12,10 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from llmops_provider.evaluation.bootstrap import Comparison
+
+# Where the training job logs the servable model inside its MLflow run (a plain HF
+# save_pretrained dir, adapter merged, tokenizer included); one constant, owned by training.
+from llmops_provider.lineage import VERDICT_FAILED, VERDICT_PASSED  # the gate's verdicts, defined once
 from llmops_provider.recipes import (
     GENERATED_TASKS,
     RegressionPolicy,
@@ -19,9 +23,6 @@ from llmops_provider.recipes import (
     SafetySpec,
     Threshold,
 )
-
-# Where the training job logs the servable model inside its MLflow run (a plain HF
-# save_pretrained dir, adapter merged, tokenizer included); one constant, owned by training.
 from llmops_provider.specs.train import MERGED_ARTIFACT_PATH  # noqa: F401 - re-exported
 
 # The metric the recipe's default threshold names. It is TOKEN-level perplexity:
@@ -29,8 +30,6 @@ from llmops_provider.specs.train import MERGED_ARTIFACT_PATH  # noqa: F401 - re-
 # the model's own tokenizer (no special tokens: lm-eval scores every text token, the first
 # conditioned on the BOS/EOS prefix). Word/byte perplexity and bits-per-byte are reported too.
 PERPLEXITY = "perplexity"
-VERDICT_PASSED: Literal["passed"] = "passed"
-VERDICT_FAILED: Literal["failed"] = "failed"
 
 
 class BaselineRef(BaseModel):

@@ -23,8 +23,6 @@ DS_CONFIG_ARTIFACT = "ds_config.json"
 
 # Model version tag that makes a training run idempotent.
 IDEMPOTENCY_TAG = "idempotency_key"
-# Alias set on every newly trained version; the evaluation gate promotes it.
-CHALLENGER_ALIAS = "challenger"
 
 
 def idempotency_key(recipe_fingerprint: str, dataset_commit: str) -> str:
