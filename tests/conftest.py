@@ -119,20 +119,7 @@ def mlflow_server(tmp_path_factory):
     """A real MLflow tracking server on SQLite with proxied artifacts; yields its URI."""
     work = tmp_path_factory.mktemp("mlflow")
     port = free_port()
-    cmd = [
-        str(CONTROL_BIN / "mlflow"),
-        "server",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--backend-store-uri",
-        f"sqlite:///{work}/mlflow.db",
-        "--artifacts-destination",
-        str(work / "artifacts"),
-        "--workers",
-        "1",
-    ]
+    cmd = mlflow_server_cmd(work, port)
     uri = f"http://127.0.0.1:{port}"
     with running(cmd, f"{uri}/health", work / "server.log"):
         yield uri

@@ -8,6 +8,7 @@ model ``slow`` gets a slow request on every scrape, model ``quiet`` never gets t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import textwrap
 import threading
@@ -78,16 +79,16 @@ class FakeVLLM:
             return "\n".join(lines) + "\n"
 
 
-@pytest.fixture(scope="module")
-def exporter():
-    fake = FakeVLLM()
+@contextlib.contextmanager
+def http_server(answer):
+    """A threaded HTTP server on 127.0.0.1; ``answer(path, headers) -> (status, headers, body)``; yields its port."""
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802
-            body = fake.render().encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "text/plain; version=0.0.4")
-            self.send_header("Content-Length", str(len(body)))
+            status, headers, body = answer(self.path, self.headers)
+            self.send_response(status)
+            for key, value in {**headers, "Content-Length": str(len(body))}.items():
+                self.send_header(key, value)
             self.end_headers()
             self.wfile.write(body)
 
@@ -95,10 +96,20 @@ def exporter():
             pass
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server.server_address[1]
-    server.shutdown()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def exporter():
+    fake = FakeVLLM()
+    with http_server(
+        lambda path, headers: (200, {"Content-Type": "text/plain; version=0.0.4"}, fake.render().encode())
+    ) as port:
+        yield port
 
 
 @pytest.fixture(scope="module")
@@ -208,29 +219,14 @@ def basic_auth_proxy(prometheus):
 
     expected = "Basic " + base64.b64encode(b"prom-user:prom-pw").decode()
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
-            if self.headers.get("Authorization") != expected:
-                self.send_response(401)
-                self.send_header("WWW-Authenticate", 'Basic realm="prometheus"')
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                return
-            with urllib.request.urlopen(prometheus + self.path, timeout=5) as upstream:
-                body = upstream.read()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    def answer(path, headers):
+        if headers.get("Authorization") != expected:
+            return 401, {"WWW-Authenticate": 'Basic realm="prometheus"'}, b""
+        with urllib.request.urlopen(prometheus + path, timeout=5) as upstream:
+            return 200, {"Content-Type": "application/json"}, upstream.read()
 
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server.server_address[1]
-    server.shutdown()
+    with http_server(answer) as port:
+        yield port
 
 
 @pytest.mark.parametrize("password", ["prom-pw", "wrong-pw"])
